@@ -21,7 +21,7 @@ run: setup           ## the main job: train a digits classifier with 2 workers o
 	$(VENV)/bin/raytorch train jobs/train_digits.yaml
 
 predict-demo: setup  ## batch inference over a generated parquet dataset (ROWS=...)
-	$(VENV)/bin/raytorch predict jobs/predict_parquet.yaml rows=$(ROWS)
+	$(VENV)/bin/raytorch predict jobs/predict_parquet.yaml data.rows=$(ROWS)
 
 lint: setup
 	$(VENV)/bin/ruff check raytorch tests benchmarks jobs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 logger = logging.getLogger("raytorch")
@@ -18,6 +18,13 @@ _ENV_DEFAULTS = {
     # Progress bars of Ray Data would interleave with raytorch's own progress lines.
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_DEDUP_LOGS": "1",
+    # Ray Data's INFO lines (execution plans, "execution finished") are internals; its warnings
+    # (e.g. "the job may hang") still show.
+    "RAY_DATA_LOG_LEVEL": "WARNING",
+    # Ray Train's structured logging re-configures its loggers at INFO in every worker and the
+    # controller ("Reporting training result ..." on every report), after any setup hook ran.
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+    "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
 }
 
 # Resource keys a compute_kwargs dict may carry, and what Ray calls them in cluster_resources().
@@ -47,9 +54,32 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         init_kwargs.setdefault("include_dashboard", False)
     init_kwargs.setdefault("logging_level", logging.WARNING)
+    # Quiet Ray Train's internal actors (PlacementGroupCleaner polls a State API that needs the
+    # dashboard and warns every second without it); runs once in every Ray worker process.
+    runtime_env = dict(init_kwargs.get("runtime_env") or {})
+    runtime_env.setdefault("worker_process_setup_hook", "raytorch._ray.quiet_ray_internals")
+    init_kwargs["runtime_env"] = runtime_env
     init_kwargs.setdefault("log_to_driver", True)
     logger.info("starting Ray (address=%s)", address or "local")
     ray.init(address=address, **init_kwargs)
+
+
+# Ray-internal loggers that are noise for raytorch users, and the level they are raised to.
+_NOISY_LOGGERS = {
+    # Polls the State API, which needs the dashboard; warns (with tracebacks) every second.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.CRITICAL,
+    # "Reporting training result ...", "Started training worker group ..." on every report.
+    "ray.train": logging.WARNING,
+    "ray.data": logging.WARNING,
+}
+
+
+def quiet_ray_internals() -> None:
+    """Raise the level of Ray-internal loggers that only add noise (a worker setup hook)."""
+    if logging.getLogger("raytorch").isEnabledFor(logging.DEBUG):
+        return
+    for name, level in _NOISY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def resource_request(compute_kwargs: Mapping[str, Any]) -> dict[str, float]:
@@ -66,7 +96,9 @@ def resource_request(compute_kwargs: Mapping[str, Any]) -> dict[str, float]:
 
 
 def unschedulable(
-    request: Mapping[str, float], nodes: list[Mapping[str, float]], field: str = "compute_kwargs"
+    request: Mapping[str, float],
+    nodes: Sequence[Mapping[str, float]],
+    field: str = "compute_kwargs",
 ) -> str | None:
     """Why no node could ever run one unit of ``request``, or None if some node could.
 
@@ -77,9 +109,7 @@ def unschedulable(
     for node in nodes:
         if all(node.get(name, 0.0) >= amount for name, amount in request.items()):
             return None
-    largest = {
-        name: max((node.get(name, 0.0) for node in nodes), default=0.0) for name in request
-    }
+    largest = {name: max((node.get(name, 0.0) for node in nodes), default=0.0) for name in request}
     wanted = ", ".join(f"{k}={v:g}" for k, v in request.items())
     have = ", ".join(f"{k}={v:g}" for k, v in largest.items())
     return (
@@ -96,7 +126,7 @@ def cluster_nodes() -> list[dict[str, float]]:
 
 
 def check_schedulable(compute_kwargs: Mapping[str, Any], field: str = "compute_kwargs") -> None:
-    """Raise ``ResourceError`` now if ``compute_kwargs`` can never be scheduled (instead of hanging).
+    """Raise ``ResourceError`` now if ``compute_kwargs`` can never be scheduled, not hang.
 
     Clusters with an autoscaler may add nodes later; set ``RAYTORCH_ALLOW_PENDING=1`` to skip.
     """

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +52,18 @@ def _probe(device: torch.device) -> str | None:
     return None
 
 
-def _with_rank(name: str, local_rank: int) -> torch.device:
+def _parse(name: str, field: str) -> torch.device:
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(
+            f"{field}={name!r} is not a device name ({exc}); use e.g. 'cpu', 'cuda:1', 'mps'"
+        ) from exc
+
+
+def _with_rank(name: str, local_rank: int, field: str = "preferred_devices") -> torch.device:
     """``'cuda'`` on local rank k means ``cuda:k`` among the GPUs this worker can see."""
-    device = torch.device(name)
+    device = _parse(name, field)
     if device.type == "cuda" and device.index is None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = local_rank % count if count else local_rank
@@ -80,7 +91,7 @@ def choose_device(
         DeviceError: an explicit ``device`` does not work, or no preferred device works.
     """
     if device is not None and device != "auto":
-        chosen = _with_rank(device, local_rank) if device == "cuda" else torch.device(device)
+        chosen = _with_rank(device, local_rank, "device")
         why_not = probe(chosen)
         if why_not is not None:
             raise DeviceError(
@@ -130,4 +141,27 @@ def apply_threads(num_threads: int | None = None, num_interop_threads: int | Non
         try:
             torch.set_num_interop_threads(num_interop_threads)
         except RuntimeError:
-            pass
+            warnings.warn(
+                f"num_interop_threads={num_interop_threads} ignored: torch allows setting it only "
+                f"once per process, before any parallel work (it stays "
+                f"{torch.get_num_interop_threads()}); set it at the start of the process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+@contextlib.contextmanager
+def thread_settings(
+    num_threads: int | None = None, num_interop_threads: int | None = None
+) -> Iterator[None]:
+    """Apply :func:`apply_threads` for a block, then restore the intra-op thread count.
+
+    The inter-op count cannot be restored (torch sets it once per process).
+    """
+    previous = torch.get_num_threads()
+    apply_threads(num_threads, num_interop_threads)
+    try:
+        yield
+    finally:
+        if num_threads is not None:
+            torch.set_num_threads(previous)
