@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -277,6 +277,31 @@ class OutputLayout:
         for fs, path in ((self.fs, self.path), (self.errors_fs, self.errors_path)):
             if fs.get_file_info(f"{path}/{TMP_DIR}").type == pafs.FileType.Directory:
                 fs.delete_dir(f"{path}/{TMP_DIR}")
+
+    def has_job(self) -> bool:
+        return self.fs.get_file_info(f"{self.path}/{JOB_FILE}").type == pafs.FileType.File
+
+    def remove_uncommitted(self, records: Mapping[str, Mapping[str, Any]]) -> int:
+        """Delete parts that no commit record lists (a unit killed between its renames).
+
+        A redone unit rewrites the same names, but a stale errors part would survive a redo that
+        rejects nothing; so they go before the run starts. Returns how many were deleted.
+        """
+        keep = {r.get(k) for r in records.values() for k in ("part", "errors_part")}
+        removed = 0
+        for fs, path in ((self.fs, self.path), (self.errors_fs, self.errors_path)):
+            if fs.get_file_info(path).type != pafs.FileType.Directory:
+                continue
+            for info in fs.get_file_info(pafs.FileSelector(path)):
+                name = info.base_name
+                if (
+                    info.type == pafs.FileType.File
+                    and name.startswith("part-")
+                    and name not in keep
+                ):
+                    fs.delete_file(info.path)
+                    removed += 1
+        return removed
 
     def committed(self) -> dict[str, dict[str, Any]]:
         """Commit records of the units already done, by unit id."""

@@ -319,3 +319,275 @@ def from_json_value(value: Any, field: str) -> Any:
                 raise CheckpointError(str(exc)) from exc
         return {k: from_json_value(v, f"{field}[{k!r}]") for k, v in value.items()}
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume checkpoints in a run's storage (a local directory or a pyarrow.fs URI)
+#
+# <run_dir>/checkpoints/iter_<N>/ holds state.pt (the loop's resume payload) and meta.json, which
+# is written LAST: on object storage, where nothing renames atomically, a directory without
+# meta.json is a half-written upload. Ray Train's own copies (<run_dir>/checkpoint_<time>/) hold
+# the same two files, so one lookup finds both.
+
+RESUME_FORMAT = "raytorch.resume"
+RESUME_VERSION = 1
+META_NAME = "meta.json"
+STATE_NAME = "state.pt"
+_ITER_PREFIX = "iter_"
+
+
+def is_uri(path: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://...`` paths (object storage, ``file://``), False for local paths."""
+    return "://" in os.fspath(path)
+
+
+def join(base: str | os.PathLike[str], *parts: str) -> str:
+    """``base/part/...`` for a local path or a URI (``Path`` would collapse a URI's ``//``)."""
+    out = os.fspath(base).rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def _fs(path: str) -> tuple[Any, str]:
+    from pyarrow import fs
+
+    if is_uri(path):
+        return fs.FileSystem.from_uri(path)
+    return fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def upload_dir(local: str | os.PathLike[str], target: str, last: str | None = None) -> None:
+    """Copy a local directory's files to ``target`` (a URI or local path), ``last`` copied last.
+
+    Raises:
+        CheckpointError: the copy failed (naming the target).
+    """
+    from pyarrow import fs
+
+    filesystem, root = _fs(target)
+    local_fs = fs.LocalFileSystem()
+    files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == last)  # stable: the marker after everything else
+    try:
+        filesystem.create_dir(root, recursive=True)
+        for file in files:
+            dest = f"{root}/{file.relative_to(local).as_posix()}"
+            filesystem.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+            fs.copy_files(
+                str(file), dest, source_filesystem=local_fs, destination_filesystem=filesystem
+            )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"could not copy {local} to {target}: {exc}") from exc
+
+
+def download_dir(source: str, local: str | os.PathLike[str]) -> Path:
+    """Copy the directory ``source`` (a URI) to the local directory ``local``; return it."""
+    from pyarrow import fs
+
+    filesystem, root = _fs(source)
+    Path(local).mkdir(parents=True, exist_ok=True)
+    try:
+        fs.copy_files(
+            root,
+            str(local),
+            source_filesystem=filesystem,
+            destination_filesystem=fs.LocalFileSystem(),
+        )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"could not copy {source} to {local}: {exc}") from exc
+    return Path(local)
+
+
+def write_resume_dir(directory: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
+    """Write ``state.pt`` then ``meta.json`` (the completion marker) into a local directory."""
+    directory = Path(directory)
+    save_state(directory / STATE_NAME, payload)
+    meta = {
+        "format": RESUME_FORMAT,
+        "version": RESUME_VERSION,
+        "iteration": int(payload["iteration"]),
+        "epoch": int(payload["epoch"]),
+    }
+    write_json(directory / META_NAME, meta)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike[str], payload: Mapping[str, Any], num_to_keep: int | None = None
+) -> str:
+    """Save a resume payload as ``<run_dir>/checkpoints/iter_<N>`` and prune old ones.
+
+    Returns:
+        The checkpoint's path or URI (see :func:`publish_checkpoint`).
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="raytorch-ckpt-") as tmp:
+        write_resume_dir(tmp, payload)
+        return publish_checkpoint(tmp, run_dir, num_to_keep)
+
+
+def publish_checkpoint(
+    local: str | os.PathLike[str], run_dir: str | os.PathLike[str], num_to_keep: int | None = None
+) -> str:
+    """Copy a local checkpoint directory (from :func:`write_resume_dir`) into the run's storage.
+
+    Local targets are written atomically (a hidden temporary directory renamed into place); a URI
+    gets the files uploaded with ``meta.json`` last. Only ``iter_*`` checkpoints are pruned, the
+    oldest first, down to ``num_to_keep`` (None: keep all).
+
+    Returns:
+        ``<run_dir>/checkpoints/iter_<N>``, a path or a URI.
+    """
+    iteration = int(read_meta(local)["iteration"])
+    target = join(run_dir, "checkpoints", f"{_ITER_PREFIX}{iteration:09d}")
+    if is_uri(target):
+        upload_dir(local, target, last=META_NAME)
+    else:
+        with atomic_dir(target) as tmp:
+            for file in Path(local).iterdir():
+                shutil.copy2(file, tmp / file.name)
+    if num_to_keep is not None:
+        _prune(run_dir, num_to_keep)
+    return target
+
+
+def _prune(run_dir: str | os.PathLike[str], num_to_keep: int) -> None:
+    from pyarrow import fs
+
+    filesystem, root = _fs(join(run_dir, "checkpoints"))
+    infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == fs.FileType.Directory and i.base_name.startswith(_ITER_PREFIX)
+    )
+    for name in names[: max(0, len(names) - num_to_keep)]:
+        filesystem.delete_dir(f"{root}/{name}")
+
+
+def read_meta(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``meta.json`` of a resume checkpoint (a local path or URI).
+
+    Raises:
+        CheckpointError: no such directory, no ``meta.json`` (half-written or not a raytorch
+            checkpoint), or a foreign or newer format.
+    """
+    from pyarrow import fs
+
+    path = os.fspath(checkpoint)
+    filesystem, root = _fs(path)
+    kind = filesystem.get_file_info(root).type
+    if kind == fs.FileType.NotFound:
+        raise CheckpointError(f"no checkpoint at {path}; give a run directory or a checkpoint")
+    if kind != fs.FileType.Directory:
+        raise CheckpointError(
+            f"{path} is a file, not a checkpoint directory; give the run directory or one of its "
+            "checkpoints/iter_* directories"
+        )
+    meta_path = f"{root}/{META_NAME}"
+    if filesystem.get_file_info(meta_path).type != fs.FileType.File:
+        raise CheckpointError(
+            f"{path} has no {META_NAME}: it is a half-written checkpoint (its save was "
+            "interrupted) or not a raytorch checkpoint; resume from an earlier one or from the "
+            "run directory (its latest complete checkpoint)"
+        )
+    with filesystem.open_input_stream(meta_path) as f:
+        raw = f.read()
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}/{META_NAME} is not valid JSON: half-written?") from exc
+    if not isinstance(meta, dict) or meta.get("format") != RESUME_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a raytorch resume checkpoint ({META_NAME} has format "
+            f"{meta.get('format') if isinstance(meta, dict) else meta!r}, expected "
+            f"{RESUME_FORMAT!r})"
+        )
+    if not isinstance(meta.get("version"), int) or meta["version"] > RESUME_VERSION:
+        raise CheckpointError(
+            f"{path} has resume format version {meta.get('version')!r}; this raytorch reads up "
+            f"to {RESUME_VERSION}; upgrade raytorch"
+        )
+    return meta
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> str | None:
+    """The complete checkpoint with the highest iteration in a run directory, or None.
+
+    Looks at raytorch's ``checkpoints/iter_*`` and Ray Train's ``checkpoint_*`` directories;
+    half-written ones (no valid ``meta.json``) are skipped.
+    """
+    from pyarrow import fs
+
+    base = os.fspath(run_dir)
+    filesystem, root = _fs(base)
+    candidates: list[str] = []
+    for sub, prefix in (("checkpoints", _ITER_PREFIX), ("", "checkpoint_")):
+        folder = join(base, sub) if sub else base
+        listed = filesystem.get_file_info(
+            fs.FileSelector(join(root, sub) if sub else root, allow_not_found=True)
+        )
+        candidates += [
+            join(folder, i.base_name)
+            for i in listed
+            if i.type == fs.FileType.Directory and i.base_name.startswith(prefix)
+        ]
+    best: tuple[int, str] | None = None
+    for candidate in candidates:
+        try:
+            iteration = int(read_meta(candidate)["iteration"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            continue  # half-written or foreign: never resume from it
+        if best is None or iteration > best[0]:
+            best = (iteration, candidate)
+    return best[1] if best else None
+
+
+def resolve_resume(resume_from: str | os.PathLike[str]) -> str:
+    """A checkpoint to resume from: ``resume_from`` itself, or a run directory's latest one.
+
+    Raises:
+        CheckpointError: nothing there, a half-written or foreign checkpoint, or a run directory
+            with no complete checkpoint.
+    """
+    path = os.fspath(resume_from)
+    from pyarrow import fs
+
+    filesystem, root = _fs(path)
+    if filesystem.get_file_info(f"{root}/{META_NAME}").type == fs.FileType.File:
+        read_meta(path)
+        return path
+    found = latest_checkpoint(path)
+    if found is not None:
+        return found
+    if filesystem.get_file_info(f"{root}/{STATE_NAME}").type == fs.FileType.File:
+        read_meta(path)  # raises: a state file without its completion marker
+    raise CheckpointError(
+        f"resume_from={path!r} holds no complete checkpoint (neither a checkpoints/iter_* "
+        "directory with meta.json nor a checkpoint itself); give a run directory that saved "
+        "checkpoints (checkpoint_every > 0) or one of its checkpoints"
+    )
+
+
+def load_resume(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """The resume payload of a checkpoint (local path or URI), checked and loaded on the CPU.
+
+    Raises:
+        CheckpointError: half-written, foreign or corrupt (:func:`read_meta`, :func:`load_state`).
+    """
+    import tempfile
+
+    path = os.fspath(checkpoint)
+    meta = read_meta(path)
+    if is_uri(path):
+        with tempfile.TemporaryDirectory(prefix="raytorch-resume-") as tmp:
+            state = load_state(download_dir(path, tmp) / STATE_NAME, map_location="cpu")
+    else:
+        state = load_state(Path(path) / STATE_NAME, map_location="cpu")
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise CheckpointError(
+            f"{path}/{STATE_NAME} is not a raytorch resume state (meta.json says iteration "
+            f"{meta.get('iteration')}); it was replaced or written by something else"
+        )
+    return state

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from raytorch._log import show_progress
+
 # Never uploaded with a job: version control, environments, outputs, data, caches. Gitignore
 # syntax, relative to the working directory; Ray also honours .gitignore and .rayignore files.
 DEFAULT_EXCLUDES = (
@@ -240,16 +242,7 @@ def _resources_text(resources: dict[str, float]) -> str:
 
 
 def _show_progress() -> None:
-    """Print raytorch's progress lines (training validations, inference rows) on stdout."""
-    import logging
-
-    logger = logging.getLogger("raytorch")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # Ray configures the root logger; don't print lines twice
+    show_progress(force=True)
 
 
 def _echo(line: str) -> None:

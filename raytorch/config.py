@@ -318,8 +318,23 @@ class TrainerConfig(BaseModel):
     # Run directory and fault tolerance.
     storage_path: str = Field("runs/", description="where run directories are written")
     run_name: str | None = Field(None, description="default '<identifier>-<UTC time>-<random>'")
-    max_failures: int = Field(0, ge=0, description="worker-group restarts (Ray Train)")
-    checkpoint_num_to_keep: int | None = Field(2, ge=1, description="Ray Train checkpoints kept")
+    max_failures: int = Field(
+        0,
+        ge=0,
+        description="restarts after a worker dies, from the last checkpoint (Ray Train's "
+        "FailureConfig for several workers, a driver retry of the task for one)",
+    )
+    checkpoint_num_to_keep: int | None = Field(
+        2, ge=1, description="resume checkpoints kept in the run directory (None: all)"
+    )
+    checkpoint_every: int = Field(
+        1, ge=0, description="save a resume checkpoint every N validations (0: never)"
+    )
+    resume_from: str | None = Field(
+        None,
+        description="a run directory (its latest checkpoint) or a checkpoint to resume from; "
+        "re-running with the same run_name and storage_path resumes too",
+    )
 
     @model_validator(mode="before")
     @classmethod

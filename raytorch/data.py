@@ -136,7 +136,15 @@ def to_dataset(source: Any, field: str = "data") -> ray.data.Dataset:
                 f"{field}={source!r}: no such file or directory (looked in {Path.cwd()}); give the "
                 "path of a parquet file or directory, or a URI such as s3://bucket/prefix"
             )
-        return ray.data.read_parquet(source)
+        if not _is_uri(source):
+            check_parquet(source, field)
+        try:
+            return ray.data.read_parquet(source)
+        except Exception as exc:  # object storage: a corrupt file shows only here
+            raise DataError(
+                f"{field}={source!r} could not be read as parquet: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}; check the files there"
+            ) from exc
     if isinstance(source, pa.Table):
         if source.num_rows == 0:
             raise DataError(f"{field} is an empty pyarrow.Table; give at least one row")
@@ -149,6 +157,79 @@ def to_dataset(source: Any, field: str = "data") -> ray.data.Dataset:
         f"{field} is a {type(source).__name__}; give a ray.data.Dataset, a parquet path or URI, "
         "a pyarrow.Table, a list of dicts, or a dict of equal-length arrays"
     )
+
+
+def check_parquet(path: str | os.PathLike[str], field: str = "data") -> None:
+    """Read the footer of every parquet file under a local ``path`` (cheap: metadata only).
+
+    Raises:
+        DataError: a file that is not valid parquet (truncated, corrupt, another format), naming it.
+    """
+    import pyarrow.parquet as pq
+
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*.parquet") if p.is_file())
+    for file in files:
+        try:
+            pq.read_metadata(file)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(
+                f"{field}: {file} is not a readable parquet file ({exc}); it is truncated, corrupt "
+                "or another format: write it again or remove it"
+            ) from exc
+
+
+def _numeric(kind: pa.DataType) -> bool:
+    """True for numbers and bools, lists of them, and Ray's tensor extension types."""
+    if isinstance(kind, pa.ExtensionType):
+        return _numeric(kind.storage_type) or "tensor" in type(kind).__name__.lower()
+    if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return _numeric(kind.value_type)
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+
+
+def check_types(data: Any, columns: Sequence[str], field: str = "data") -> None:
+    """Raise when a key column is not numeric (a table's or a dataset's schema, no data read).
+
+    Raises:
+        DataError: naming the column, its type and the fix.
+    """
+    if isinstance(data, pa.Table):
+        types = dict(zip(data.column_names, data.schema.types, strict=True))
+    else:
+        schema = data.schema()
+        if schema is None:
+            return
+        types = dict(zip(schema.names, schema.types, strict=True))
+    for name in columns:
+        kind = types.get(name)
+        if isinstance(kind, pa.DataType) and not _numeric(kind):
+            raise DataError(
+                f"{field}: column {name!r} has type {kind}, not numbers (or fixed-length lists "
+                "of numbers); convert it in transform, or give a collate_fn"
+            )
+
+
+def check_values(table: pa.Table, columns: Sequence[str], field: str = "data") -> None:
+    """Check a driver-side table's key columns: one shape per column, no NaN or inf.
+
+    Raises:
+        DataError: ragged lists, nulls, or non-finite values, naming the column and first row.
+    """
+    for name in columns:
+        try:
+            array = column_to_numpy(table.column(name), name)
+        except DataError as exc:
+            raise DataError(f"{field}: {exc}") from exc
+        if array.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise DataError(
+                f"{field}: column {name!r} has NaN or inf in {int(bad.sum())} row(s), first at row "
+                f"{row}; drop or fill them before training (they make the loss NaN)"
+            )
 
 
 def local_table(source: Any, field: str = "data") -> pa.Table | None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
+import random
+import tempfile
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from typing import Any
 import torch
 
 from raytorch._ray import ResourceError, resource_request, unschedulable
+from raytorch.checkpoint import join
 from raytorch.config import Layout, TrainerConfig, plan_cpus, resolve_callable
-from raytorch.loop import Batch, LoopResult, TensorBatches, WorkerContext, run_loop
+from raytorch.loop import Batch, LoopResult, TensorBatches, TrainingError, WorkerContext, run_loop
 
 logger = logging.getLogger("raytorch")
 
@@ -155,11 +157,17 @@ class RayContext(WorkerContext):
         world_size: int = 1,
         local_rank: int = 0,
         ray_train: bool = False,
+        run_dir: str | None = None,
+        resume: str | None = None,
     ) -> None:
         self.cfg, self.shards, self.seed, self.sink = cfg, shards, seed, sink
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.ray_train = ray_train
-        self.checkpointing = ray_train and cfg.max_failures > 0
+        self.run_dir, self.resume = run_dir, resume
+        # Ray Train stores reported checkpoints itself; a task publishes them to run_dir.
+        self.checkpoint_every = cfg.checkpoint_every if (ray_train or run_dir) else 0
+        # Unseeded runs draw a data seed, so a resumed run replays the same data order.
+        self.data_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
         user = resolve_callable(cfg.collate_fn or cfg.loader_kwargs.collate_fn, "collate_fn")
         self.user_collate = user
         self._train_data: Batch | None = None
@@ -203,7 +211,7 @@ class RayContext(WorkerContext):
 
     def train_batches(self, epoch: int) -> Iterable[Batch]:
         opts = self.cfg.loader_kwargs
-        seed = None if self.seed is None else self.seed + self.rank
+        seed = None if self.data_seed is None else self.data_seed + self.rank
         if self._train_data is not None:
             return TensorBatches(
                 self._train_data, opts.batch_size, opts.shuffle, opts.drop_last, seed, epoch
@@ -236,6 +244,10 @@ class RayContext(WorkerContext):
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         if not self.ray_train:
+            if checkpoint_dir is not None and self.run_dir is not None:
+                from raytorch.checkpoint import publish_checkpoint
+
+                publish_checkpoint(checkpoint_dir, self.run_dir, self.cfg.checkpoint_num_to_keep)
             return
         import ray.train
 
@@ -243,24 +255,38 @@ class RayContext(WorkerContext):
             ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         )
         ray.train.report(metrics, checkpoint=checkpoint)
-        if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     def restored_checkpoint(self) -> Path | None:
-        if not self.ray_train:
-            return None
-        import ray.train
+        """Ray Train's checkpoint after a group restart, else the driver's ``resume``."""
+        if self.ray_train:
+            import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        return Path(checkpoint.to_directory()) if checkpoint is not None else None
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is not None:
+                return Path(checkpoint.to_directory())
+        if self.resume is None:
+            return None
+        from raytorch.checkpoint import download_dir, is_uri
+
+        if is_uri(self.resume):
+            return download_dir(self.resume, tempfile.mkdtemp(prefix="raytorch-resume-"))
+        return Path(self.resume)
 
     def progress(self, line: str) -> None:
         if self.sink is not None:
             self.sink.put.remote(line)
 
 
-def _task_main(model: Any, cfg: TrainerConfig, shards: ShardSpec, seed: int | None, sink: Any):
-    ctx = RayContext(cfg, shards, seed, sink)
+def _task_main(
+    model: Any,
+    cfg: TrainerConfig,
+    shards: ShardSpec,
+    seed: int | None,
+    sink: Any,
+    run_dir: str | None = None,
+    resume: str | None = None,
+) -> LoopResult:
+    ctx = RayContext(cfg, shards, seed, sink, run_dir=run_dir, resume=resume)
     return run_loop(model, cfg, ctx, seed)
 
 
@@ -282,6 +308,7 @@ def _train_main(config: dict[str, Any]) -> LoopResult | None:
         world_size=tc.get_world_size(),
         local_rank=tc.get_local_rank(),
         ray_train=True,
+        resume=config.get("resume"),
     )
     result = run_loop(config["model"], config["cfg"], ctx, config["seed"])
     return result if rank == 0 else None
@@ -331,27 +358,108 @@ def launch(
     seed: int | None,
     storage_path: str,
     run_name: str,
+    resume: str | None = None,
 ) -> LoopResult:
     """Run the loop on ``plan.num_workers`` workers and return rank 0's result.
 
+    Args:
+        resume: a checkpoint (path or URI) to start from, or None.
+
     Raises:
-        RuntimeError: a worker failed (the worker's error is chained).
+        TrainingError: a worker failed (naming rank and iteration, the worker's error chained),
+            or workers died more than ``max_failures`` times.
     """
     import ray
 
-    sink = ray.remote(num_cpus=0)(_ProgressSink).remote()
+    # One sink per driver, reused by every fit: a new actor process per fit imports torch
+    # (seconds of CPU) right beside the training worker's first steps (BENCHMARKS.md, item 1).
+    sink = (
+        ray.remote(num_cpus=0)(_ProgressSink)
+        .options(name="raytorch-progress", get_if_exists=True)
+        .remote()
+    )
     if plan.message:
         logger.warning(plan.message)
-    try:
-        with _Drain(sink):
-            if plan.num_workers == 1:
-                task = ray.remote(_task_main).options(max_retries=0, **plan.options)
-                return ray.get(task.remote(model, cfg, shards[0], seed, sink))
-            return _fit_ray_train(
-                model, cfg, plan, shards, train_ds, seed, sink, storage_path, run_name
+    with _Drain(sink):
+        if plan.num_workers == 1:
+            run_dir = join(storage_path, run_name)
+            return _run_task(model, cfg, plan, shards[0], seed, sink, run_dir, resume)
+        return _fit_ray_train(
+            model, cfg, plan, shards, train_ds, seed, sink, storage_path, run_name, resume
+        )
+
+
+def _system_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors for a worker process or node that died (retried), not a raised exception."""
+    import ray.exceptions as rex
+
+    names = ("WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "ActorDiedError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
+def _run_task(
+    model: Any,
+    cfg: TrainerConfig,
+    plan: WorkerPlan,
+    shard: ShardSpec,
+    seed: int | None,
+    sink: Any,
+    run_dir: str,
+    resume: str | None,
+) -> LoopResult:
+    """One worker as a Ray task; when its process dies, run it again from the last checkpoint,
+    up to ``max_failures`` times (an exception raised by the user's code is not retried: it
+    would fail the same way)."""
+    import ray
+
+    from raytorch.checkpoint import latest_checkpoint
+
+    remote = ray.remote(_task_main).options(max_retries=0, **plan.options)
+    failures = 0
+    while True:
+        try:
+            return ray.get(remote.remote(model, cfg, shard, seed, sink, run_dir, resume))
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, TrainingError):
+                raise cause from None  # its __cause__ is the user's original exception
+            raise
+        except _system_errors() as exc:
+            failures += 1
+            if failures > cfg.max_failures:
+                raise TrainingError(
+                    f"the training worker died ({type(exc).__name__}) and max_failures="
+                    f"{cfg.max_failures} restarts are used up; raise max_failures to restart it "
+                    "from its last checkpoint, or resume later with the same run_name",
+                    exc,
+                ) from exc
+            found = latest_checkpoint(run_dir) if cfg.checkpoint_every else None
+            resume = found or resume
+            logger.warning(
+                "the training worker died (%s); restart %d of max_failures=%d from %s",
+                type(exc).__name__,
+                failures,
+                cfg.max_failures,
+                resume or "the start (no checkpoint yet)",
             )
-    finally:
-        ray.kill(sink)  # type: ignore[arg-type]
+
+
+def _train_failure(error: BaseException) -> TrainingError:
+    """The worker's own TrainingError inside Ray Train's error, else one that wraps it."""
+    seen: set[int] = set()
+    todo: list[Any] = [error]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, TrainingError):
+            return TrainingError(str(err), err.cause)
+        failures = getattr(err, "worker_failures", None)
+        if isinstance(failures, Mapping):
+            todo += list(failures.values())
+        todo += [getattr(err, "cause", None), err.__cause__]
+    return TrainingError(f"training failed on Ray Train: {error}", error)
 
 
 def _ray_train_log_level() -> str:
@@ -368,6 +476,7 @@ def _fit_ray_train(
     sink: Any,
     storage_path: str,
     run_name: str,
+    resume: str | None = None,
 ) -> LoopResult:
     from ray.train import (
         CheckpointConfig,
@@ -388,6 +497,7 @@ def _fit_ray_train(
             "shards": shards,
             "seed": seed,
             "sink": sink,
+            "resume": resume,
         },
         scaling_config=ScalingConfig(
             num_workers=plan.num_workers,
@@ -406,9 +516,13 @@ def _fit_ray_train(
         datasets={"train": train_ds} if streaming else None,
         dataset_config=DataConfig(datasets_to_split=["train"]) if streaming else None,
     )
-    result = trainer.fit()
-    if getattr(result, "error", None) is not None:
-        raise RuntimeError(f"training failed on Ray Train: {result.error}") from result.error
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # V2 raises from fit() when the group failed for good
+        raise _train_failure(exc) from exc
+    error = getattr(result, "error", None)
+    if error is not None:
+        raise _train_failure(error) from error
     out = getattr(result, "return_value", None)
     if not isinstance(out, LoopResult):
         raise RuntimeError(

@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -50,13 +51,15 @@ class WorkerContext:
 
     Attributes:
         rank, world_size, local_rank: this worker's place in the group.
-        checkpointing: whether rank 0 attaches a resumable checkpoint to each report.
+        checkpoint_every: rank 0 attaches a resume checkpoint to every N-th report (0: never).
+        data_seed: seeds the data order with the epoch (None: unseeded); saved in checkpoints.
     """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    checkpointing: bool = False
+    checkpoint_every: int = 0
+    data_seed: int | None = None
 
     def setup(self, device: torch.device) -> None:
         """Called once after the device is chosen and the RNGs are seeded (load shards here)."""
@@ -93,6 +96,9 @@ class InProcessContext(WorkerContext):
         valid: the validation batches.
         rank, world_size: for simulating one rank of a group together with ``all_reduce``.
         all_reduce: replaces the identity all-reduce (e.g. a fake that adds other ranks' states).
+        run_dir: where checkpoints go (``raytorch.checkpoint.publish_checkpoint``); None: nowhere.
+        checkpoint_every: checkpoint every N validations when ``run_dir`` is set.
+        resume_from: a checkpoint directory to resume from.
     """
 
     def __init__(
@@ -102,11 +108,16 @@ class InProcessContext(WorkerContext):
         rank: int = 0,
         world_size: int = 1,
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        run_dir: str | Path | None = None,
+        checkpoint_every: int = 1,
+        resume_from: str | Path | None = None,
     ) -> None:
         self._train = train
         self._valid = list(valid)
         self.rank, self.world_size, self.local_rank = rank, world_size, rank
         self._all_reduce = all_reduce
+        self.run_dir, self.resume_from = run_dir, resume_from
+        self.checkpoint_every = checkpoint_every if run_dir is not None else 0
         self.reports: list[dict[str, float]] = []
         self.lines: list[str] = []
 
@@ -121,6 +132,13 @@ class InProcessContext(WorkerContext):
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         self.reports.append(dict(metrics))
+        if checkpoint_dir is not None and self.run_dir is not None:
+            from raytorch.checkpoint import publish_checkpoint
+
+            publish_checkpoint(checkpoint_dir, self.run_dir)
+
+    def restored_checkpoint(self) -> Path | None:
+        return None if self.resume_from is None else Path(self.resume_from)
 
     def progress(self, line: str) -> None:
         self.lines.append(line)
@@ -268,38 +286,50 @@ def _optimizer_to_cpu(state: dict[str, Any]) -> dict[str, Any]:
     return move(state)
 
 
-def checkpoint_payload(
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    stopper: StopperState,
-    history: dict[str, list[float]],
-    iteration: int,
-    epoch: int,
-    best_state: dict[str, torch.Tensor] | None,
-) -> dict[str, Any]:
-    """Everything needed to resume a run, in one place (extend it here: RNG, data position...)."""
+class TrainingError(RuntimeError):
+    """A worker's step or validation failed; the message names the rank and the iteration.
+
+    The original exception is the ``__cause__``, also after Ray ships this error to the driver
+    (pickling drops ``__cause__``, so it travels as an argument).
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        if cause is not None:
+            self.__cause__ = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.cause))
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, Python) as tensors, numbers and lists only,
+    so that ``torch.load(weights_only=True)`` reads them back (it refuses numpy arrays)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
     return {
-        "model": _cpu_state(module),
-        "optimizer": _optimizer_to_cpu(optimizer.state_dict()),
-        "stopper": stopper.model_dump(),
-        "history": history,
-        "iteration": iteration,
-        "epoch": epoch,
-        "best_model": best_state,
-        "torch_rng": torch.get_rng_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss],
+        "python": list(random.getstate()),
     }
 
 
-def _save_payload(payload: dict[str, Any], directory: Path) -> None:
-    from raytorch.checkpoint import save_state
-
-    save_state(directory / "state.pt", payload)
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def _load_payload(directory: Path) -> dict[str, Any]:
-    from raytorch.checkpoint import load_state
+    from raytorch.checkpoint import load_resume
 
-    return load_state(directory / "state.pt", map_location="cpu")
+    return load_resume(directory)
 
 
 class _Unwrapped:
@@ -405,10 +435,18 @@ class _Loop:
         self.epoch = 0
         self.samples = 0
         self.last_validated = -1
+        self.step_in_epoch = 0  # batches of ``epoch`` already trained (the data position)
+        self.resume_skip = 0  # batches of the first epoch to skip after a resume
+        self.validations = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.reason = StopReason.NOT_STOPPED
         self.message = ""
         self.first_step_time = 0.0
+        # Steady state for benchmarks: from the end of the first step, validation time excluded.
+        self.steady_start: float | None = None
+        self.first_rows = 0
+        self.steady_from = 0
+        self.valid_s = 0.0
 
     # -- setup
 
@@ -440,15 +478,51 @@ class _Loop:
             self._restore(_load_payload(Path(restored)))
         self.after_backward: Callable[[], None] = lambda: None
 
+    # -- checkpoints: everything needed to resume, in one place
+
+    def payload(self) -> dict[str, Any]:
+        """The resume checkpoint's contents (CPU tensors, numbers, strings, lists, dicts)."""
+        from raytorch.checkpoint import RESUME_FORMAT
+
+        return {
+            "format": RESUME_FORMAT,
+            "model": _cpu_state(self.module),
+            "optimizer": _optimizer_to_cpu(self.optimizer.state_dict()),
+            "scheduler": None,  # no learning-rate scheduler in TrainerConfig yet
+            "rng": rng_state(),
+            "data": {
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "data_seed": self.ctx.data_seed,
+            },
+            "stopper": self.stopper.model_dump(),
+            "history": self.history,
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "samples": self.samples,
+            "validations": self.validations,
+            "best_model": self.best_state,
+        }
+
     def _restore(self, payload: dict[str, Any]) -> None:
         self.module.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.stopper = StopperState.model_validate(payload["stopper"])
-        self.history = payload["history"]
-        self.iteration = self.last_validated = payload["iteration"]
-        self.epoch = payload["epoch"]
+        self.history = {k: list(v) for k, v in payload["history"].items()}
+        self.iteration = self.last_validated = int(payload["iteration"])
+        data = payload["data"]
+        self.epoch = int(data["epoch"])
+        self.resume_skip = self.step_in_epoch = int(data["step_in_epoch"])
+        if data.get("data_seed") is not None:
+            self.ctx.data_seed = int(data["data_seed"])
+        self.samples = int(payload.get("samples", 0))
+        self.validations = int(payload.get("validations", 0))
         self.best_state = payload.get("best_model")
-        self.ctx.progress(f"resumed from a checkpoint at iteration {self.iteration}")
+        set_rng_state(payload["rng"])
+        self.ctx.progress(
+            f"resumed from a checkpoint at iteration {self.iteration} (epoch {self.epoch}, "
+            f"batch {self.step_in_epoch} of it)"
+        )
 
     def _reset_train_window(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -465,10 +539,44 @@ class _Loop:
         targets = inputs if targets is None else to_device(targets, self.device, non_blocking)
         return inputs, targets
 
+    def _loss(self, outputs: Any, targets: Any) -> torch.Tensor:
+        loss = self.objective(outputs, targets)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            got = (
+                f"a tensor of shape {list(loss.shape)}"
+                if isinstance(loss, torch.Tensor)
+                else f"a {type(loss).__name__}"
+            )
+            raise ValueError(
+                f"the objective returned {got}, not a scalar tensor; reduce it over the batch "
+                "(e.g. reduction='mean' or .mean())"
+            )
+        return loss
+
+    def _failure(self, exc: Exception, phase: str) -> TrainingError:
+        where = (
+            f"iteration {self.iteration + 1} (training step)"
+            if phase == "train"
+            else f"iteration {self.iteration} (validation)"
+        )
+        return TrainingError(
+            f"rank {self.ctx.rank} of {self.ctx.world_size} failed at {where}, epoch "
+            f"{self.epoch}: {type(exc).__name__}: {exc}",
+            exc,
+        )
+
     def train_step(self, batch: Batch) -> None:
+        try:
+            self._train_step(batch)
+        except TrainingError:
+            raise
+        except Exception as exc:
+            raise self._failure(exc, "train") from exc
+
+    def _train_step(self, batch: Batch) -> None:
         inputs, targets = self._split(batch)
         outputs = self.model.train_forward(inputs)
-        loss = self.objective(outputs, targets)
+        loss = self._loss(outputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.after_backward()
@@ -495,8 +603,10 @@ class _Loop:
                 for batch in self.ctx.valid_batches():
                     inputs, targets = self._split(batch)
                     outputs = self.model.train_forward(inputs)
-                    loss = self.objective(outputs, targets)
+                    loss = self._loss(outputs, targets)
                     self.valid_acc.update(outputs, targets, loss)
+        except Exception as exc:
+            raise self._failure(exc, "valid") from exc
         finally:
             self.module.train()
         train_state = self._train_state()
@@ -513,7 +623,10 @@ class _Loop:
 
     def validate_and_decide(self) -> bool:
         """Validate, record the history, apply the stopping rule; True means stop now."""
+        started = time.perf_counter()
         values = self.validate()
+        if self.steady_start is not None:
+            self.valid_s += time.perf_counter() - started
         self.last_validated = self.iteration
         row = {"iteration": float(self.iteration), "epoch": float(self.epoch), **values}
         for key, value in row.items():
@@ -548,23 +661,20 @@ class _Loop:
         return stop
 
     def _report(self, values: dict[str, float]) -> None:
+        from raytorch.checkpoint import write_resume_dir
+
+        self.validations += 1
         checkpoint_dir = None
         metrics = {"iteration": self.iteration, "epoch": self.epoch, **values}
-        if self.ctx.checkpointing and self.ctx.rank == 0:
+        every = self.ctx.checkpoint_every
+        if every and self.ctx.rank == 0 and self.validations % every == 0:
             checkpoint_dir = Path(tempfile.mkdtemp(prefix="raytorch-ckpt-"))
-            _save_payload(
-                checkpoint_payload(
-                    self.module,
-                    self.optimizer,
-                    self.stopper,
-                    self.history,
-                    self.iteration,
-                    self.epoch,
-                    self.best_state,
-                ),
-                checkpoint_dir,
-            )
-        self.ctx.report(metrics, checkpoint_dir)
+            write_resume_dir(checkpoint_dir, self.payload())
+        try:
+            self.ctx.report(metrics, checkpoint_dir)
+        finally:
+            if checkpoint_dir is not None:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     def _line(self, values: dict[str, float]) -> str:
         parts = " ".join(f"{k}={v:.4g}" for k, v in values.items())
@@ -598,13 +708,22 @@ class _Loop:
                 self.reason = StopReason.MAX_ITERATIONS
                 self.message = f"reached max_iterations={max_it}"
                 break
-            steps_this_epoch = 0
+            # After a resume, the first epoch skips the batches the checkpoint had trained on.
+            skip, self.resume_skip = self.resume_skip, 0
+            self.step_in_epoch = 0
             stop = False
             for batch in _equal_steps(self.ctx, self.ctx.train_batches(self.epoch)):
+                self.step_in_epoch += 1
+                if skip:
+                    skip -= 1
+                    continue
                 self.train_step(batch)
-                self.samples += _rows(batch[1] if batch[1] is not None else batch[0])
+                rows = _rows(batch[1] if batch[1] is not None else batch[0])
+                self.samples += rows
                 self.iteration += 1
-                steps_this_epoch += 1
+                if self.steady_start is None:
+                    self.steady_start, self.first_rows = time.perf_counter(), rows
+                    self.steady_from = self.iteration
                 if max_it is not None and self.iteration >= max_it:
                     break
                 if interval and self.iteration % interval == 0 and self.validate_and_decide():
@@ -612,7 +731,7 @@ class _Loop:
                     break
             if stop:
                 break
-            if steps_this_epoch == 0:
+            if self.step_in_epoch == 0:
                 raise RuntimeError(
                     f"rank {self.ctx.rank}: epoch {self.epoch} produced no training batch; the "
                     "training data is empty or smaller than loader_kwargs.batch_size with "
@@ -620,6 +739,7 @@ class _Loop:
                 )
             if max_it is None or self.iteration < max_it:
                 self.epoch += 1
+                self.step_in_epoch = 0
                 if cfg.eval_freq and self.epoch % cfg.eval_freq == 0 and self.validate_and_decide():
                     break
         if self.last_validated != self.iteration:
@@ -627,7 +747,10 @@ class _Loop:
             self.reason = StopReason.NOT_STOPPED
             if not self.validate_and_decide():
                 self.reason, self.message = bound_reason, bound_message
-        self.train_s = time.perf_counter() - start
+        end = time.perf_counter()
+        self.train_s = end - start
+        if self.steady_start is not None:
+            self.steady_s = end - self.steady_start - self.valid_s
         return self._finish()
 
     def _finish(self) -> LoopResult:
@@ -657,7 +780,19 @@ class _Loop:
             train_s=self.train_s,
             samples=samples,
             epochs=self.epoch,
+            extra=self._steady_timings(samples),
         )
+
+    def _steady_timings(self, samples: int) -> dict[str, Any]:
+        """``steady_s`` and ``steady_samples`` (all ranks) after the first step, no validation."""
+        if not hasattr(self, "steady_s"):
+            return {}
+        return {
+            "steady_s": self.steady_s,
+            "steady_samples": samples - self.first_rows * self.ctx.world_size,
+            "steady_steps": self.iteration - self.steady_from,
+            "valid_s": self.valid_s,
+        }
 
 
 def run_loop(

@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from raytorch._log import show_progress
 from raytorch.config import TrainerConfig, resolve_callable, resolve_objective
 from raytorch.stopping import StopReason
 
@@ -45,7 +46,8 @@ class TrainingResult(BaseModel):
         stopped_iteration: the optimizer steps taken.
         seed: the seed used (drawn once when the config said ``"random"``).
         timings: ``startup_s`` (fit() to the first step), ``train_s``, ``total_s``,
-            ``samples_per_s``.
+            ``samples_per_s``; and ``steady_s``, ``steady_step_s``, ``steady_samples_per_s``,
+            ``valid_s``: the training phase after its first step, validation time excluded.
         num_workers, devices: the workers and the device of each rank (rank 0's when Ray Train
             returns one result).
         run_dir: the run directory; ``model``: the trained TorchModel.
@@ -65,7 +67,7 @@ class TrainingResult(BaseModel):
     timings: dict[str, float]
     num_workers: int
     devices: list[str]
-    run_dir: Path
+    run_dir: Path | str  # a URI string when storage_path is object storage
     run_name: str
     model: Any = None
     final_state_dict: dict[str, Any] | None = None
@@ -88,6 +90,20 @@ class TrainingResult(BaseModel):
             "timings": self.timings,
             "last": last,
         }
+
+
+def _steady_timings(extra: dict[str, Any]) -> dict[str, float]:
+    """Steady-state figures of the loop (after its first step, validation excluded)."""
+    steady_s, steady_samples = extra.get("steady_s"), extra.get("steady_samples")
+    steps = extra.get("steady_steps", 0)
+    if steady_s is None or steady_samples is None or steady_s <= 0 or steps < 1:
+        return {}
+    return {
+        "steady_s": float(steady_s),
+        "steady_step_s": float(steady_s) / steps,
+        "steady_samples_per_s": float(steady_samples) / float(steady_s),
+        "valid_s": float(extra.get("valid_s", 0.0)),
+    }
 
 
 def _resolve_seed(seed: int | str | None) -> int | None:
@@ -137,6 +153,7 @@ class TorchTrainer(TrainerConfig):
             raytorch.data.DataError: missing columns, empty data, a batch larger than the data.
             raytorch._ray.ResourceError: compute_kwargs the cluster can never satisfy.
         """
+        show_progress()
         from raytorch._ray import cluster_nodes, ensure_ray
         from raytorch.launcher import ShardSpec, launch, plan_workers, quiet_ray_data
 
@@ -163,7 +180,8 @@ class TorchTrainer(TrainerConfig):
         ]
         storage = _storage_path(self.storage_path)
         run_name = self.run_name or _run_name(self.identifier)
-        run_dir = Path(storage) / run_name
+        run_dir = _run_dir(storage, run_name)
+        resume = self._resume(str(run_dir))
         logger.info(
             "training %s on %d worker(s) (%s), seed %s, run directory %s",
             self.identifier,
@@ -172,7 +190,12 @@ class TorchTrainer(TrainerConfig):
             seed,
             run_dir,
         )
-        out = launch(model, self, plan, shards, train_ds, seed, storage, run_name)
+        try:
+            out = launch(model, self, plan, shards, train_ds, seed, storage, run_name, resume)
+        except BaseException as exc:
+            # Nothing that looks complete: result.json says failed, checkpoints/last is not written.
+            _write_failed(run_dir, run_name, seed, exc)
+            raise
         total = time.time() - t0
         startup = max(0.0, out.first_step_time - t0)
         timings = {
@@ -182,6 +205,7 @@ class TorchTrainer(TrainerConfig):
             "samples": float(out.samples),
             "samples_per_s": out.samples / out.train_s if out.train_s > 0 else math.nan,
         }
+        timings.update(_steady_timings(out.extra))
         weights = out.best_state_dict if self.restore_best and out.best_state_dict else None
         model.object.load_state_dict(weights or out.final_state_dict)
         model.object.to("cpu")
@@ -217,6 +241,20 @@ class TorchTrainer(TrainerConfig):
         )
         return result
 
+    def _resume(self, run_dir: str) -> str | None:
+        """The checkpoint to start from: ``resume_from``, or this run's own latest checkpoint
+        when ``run_name`` names a run that saved some (re-running a stopped run)."""
+        from raytorch.checkpoint import latest_checkpoint, resolve_resume
+
+        found = None
+        if self.resume_from is not None:
+            found = resolve_resume(self.resume_from)
+        elif self.run_name is not None:
+            found = latest_checkpoint(run_dir)
+        if found is not None:
+            logger.info("resuming from checkpoint %s", found)
+        return found
+
     def evaluate(self, model: Any, data: Any) -> dict[str, float]:
         """The configured metrics of ``model`` on ``data``, computed in a Ray task.
 
@@ -234,10 +272,10 @@ class TorchTrainer(TrainerConfig):
 
         row_map = _row_map(self, model)
         train = _source(train_data, "train_data", local=row_map is None and not self.streaming)
-        _check(train, self.layout().columns, "train_data")
+        _check(train, self.layout().columns, "train_data", values=row_map is None)
         if valid_data is not None:
             valid = _source(valid_data, "valid_data", local=row_map is None and not self.streaming)
-            _check(valid, self.layout().columns, "valid_data")
+            _check(valid, self.layout().columns, "valid_data", values=row_map is None)
         elif self.validate_fraction is not None:
             split = table_holdout if isinstance(train, pa.Table) else holdout
             train, valid = split(train, self.validate_fraction, seed)
@@ -265,6 +303,12 @@ class TorchTrainer(TrainerConfig):
         bs = self.batch_size
         if counts["train"] == 0:
             raise DataError("train_data has no rows; give at least loader_kwargs.batch_size rows")
+        if counts["train"] < n:
+            raise DataError(
+                f"train_data has {counts['train']} row(s) for num_workers={n}, so some worker's "
+                "shard would be empty; give at least one row per worker (better: a batch each) "
+                "or lower compute_kwargs.num_workers"
+            )
         if counts["valid"] == 0:
             raise DataError("valid_data has no rows; give some, or set validate=0.2")
         per_worker = counts["train"] // n
@@ -295,10 +339,16 @@ def _source(data: Any, field: str, local: bool) -> Any:
     return table if table is not None else to_dataset(data, field)
 
 
-def _check(data: Any, columns: list[str], field: str) -> None:
-    from raytorch.data import check_columns
+def _check(data: Any, columns: list[str], field: str, values: bool = False) -> None:
+    """Key columns exist; with ``values`` (no transform will change them) their types too, and
+    the values of a driver-side table (in memory already, so the check is cheap)."""
+    from raytorch.data import check_columns, check_types, check_values
 
     check_columns(data, columns, field)
+    if values:
+        check_types(data, columns, field)
+        if isinstance(data, pa.Table):
+            check_values(data, columns, field)
 
 
 def _select(data: Any, columns: list[str], row_map: Any) -> Any:
@@ -309,6 +359,67 @@ def _select(data: Any, columns: list[str], row_map: Any) -> Any:
 
 def _count(data: Any) -> int:
     return data.num_rows if isinstance(data, pa.Table) else int(data.count())
+
+
+def _run_dir(storage: str, run_name: str) -> Path | str:
+    """A local run directory as a Path; an object-storage one as its URI string."""
+    from raytorch.checkpoint import is_uri, join
+
+    return join(storage, run_name) if is_uri(storage) else Path(storage) / run_name
+
+
+def _write_failed(run_dir: Path | str, run_name: str, seed: int | None, exc: BaseException) -> None:
+    """Mark a run that raised: ``result.json`` with ``status: failed`` and the error."""
+    from raytorch.checkpoint import write_json
+
+    summary = {
+        "run_name": run_name,
+        "status": "failed",
+        "error": f"{type(exc).__name__}: {exc}",
+        "seed": seed,
+    }
+    try:
+        with _staged(run_dir) as local:
+            write_json(local / "result.json", summary)
+            # A stale checkpoints/last from an earlier completed run would now look complete.
+            if isinstance(run_dir, Path):
+                _remove_tree(run_dir / "checkpoints" / "last")
+    except Exception as err:  # never hide the run's own error behind this one
+        logger.warning("could not mark %s as failed: %s", run_dir, err)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class _staged:
+    """A local directory for the run's files: the run directory itself, or (object storage) a
+    temporary one uploaded on exit with ``result.json`` last (the file that claims completion)."""
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.run_dir = run_dir
+
+    def __enter__(self) -> Path:
+        import tempfile
+
+        if isinstance(self.run_dir, Path):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            return self.run_dir
+        self.tmp = tempfile.TemporaryDirectory(prefix="raytorch-run-")
+        return Path(self.tmp.name)
+
+    def __exit__(self, kind: Any, *exc: object) -> None:
+        if isinstance(self.run_dir, Path):
+            return
+        from raytorch.checkpoint import upload_dir
+
+        try:
+            if kind is None:
+                upload_dir(self.tmp.name, self.run_dir, last="result.json")
+        finally:
+            self.tmp.cleanup()
 
 
 def _storage_path(path: str) -> str:
@@ -326,13 +437,17 @@ def _storage_path(path: str) -> str:
 def _write_run_dir(
     result: TrainingResult, cfg: TrainerConfig, best_state: dict[str, Any] | None
 ) -> None:
+    with _staged(result.run_dir) as local:
+        _write_run_files(local, result, cfg, best_state)
+
+
+def _write_run_files(
+    run_dir: Path, result: TrainingResult, cfg: TrainerConfig, best_state: dict[str, Any] | None
+) -> None:
     from raytorch.checkpoint import save_state, write_json
 
-    run_dir = result.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    summary = result.summary()
+    summary = {"status": "completed", **result.summary()}
     summary["config"] = cfg.model_dump(mode="json", exclude={"optimizer_state"}, fallback=repr)
-    write_json(run_dir / "result.json", summary)
     _write_history(run_dir / "history.csv", result.history)
     try:
         _plot(run_dir / "learning_curve.png", result.history)
@@ -340,6 +455,7 @@ def _write_run_dir(
         logger.warning("could not write learning_curve.png: %s", exc)
     model = result.model
     if model is None or not hasattr(model, "save"):
+        write_json(run_dir / "result.json", summary)
         return
     current = {k: v.detach().cpu().clone() for k, v in model.object.state_dict().items()}
     for name, state in (("last", result.final_state_dict), ("best", best_state)):
@@ -361,6 +477,8 @@ def _write_run_dir(
                 {"state_dict": state, "optimizer_state": result.optimizer_state},
             )
     model.object.load_state_dict(current)
+    # Last: result.json is what says the run completed.
+    write_json(run_dir / "result.json", summary)
 
 
 def _write_history(path: Path, history: dict[str, list[float]]) -> None:

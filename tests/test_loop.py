@@ -300,3 +300,13 @@ def test_tensor_batches_cover_every_row_in_a_seeded_order():
     (inputs, _targets) = next(iter(batches))
     assert torch.equal(inputs[1]["k"], inputs[0] * 2)  # nested structures stay row-aligned
     assert copy.deepcopy(batches.rows) == 10
+
+
+def test_steady_state_timings_exclude_the_first_step_and_validation():
+    # 13 steps of 8 rows, validations at 0, 5, 10 and 13: the steady window is steps 2..13.
+    result, _ = _run(_cfg(max_iterations=13, validation_interval=5), _batches(5), _batches(2))
+    extra = result.extra
+    assert extra["steady_steps"] == 12
+    assert extra["steady_samples"] == 12 * 8
+    assert 0 < extra["steady_s"] <= result.train_s
+    assert 0 < extra["valid_s"] < result.train_s  # the validations at 5, 10, 13, not at 0

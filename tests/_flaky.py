@@ -1,0 +1,60 @@
+"""A model that fails once, on purpose: for the fault, resume and bad-input tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from raytorch.model import TorchModel
+
+
+class Flaky(torch.nn.Module):
+    """An MLP (64 -> 32 -> 10, with dropout) whose training forward fails once.
+
+    At training forward number ``fail_at`` (counted in this process) of rank ``rank``, and only
+    while ``marker`` does not exist (it is created first, so a restarted worker passes), it raises
+    ``ValueError`` (``how="raise"``) or kills its own process with SIGKILL (``how="kill"``).
+    """
+
+    def __init__(self, marker: str = "", fail_at: int = 0, how: str = "raise", rank: int = 0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 10)
+        )
+        self.marker, self.fail_at, self.how, self.rank = marker, fail_at, how, rank
+        self.steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.steps += 1
+            if self.steps == self.fail_at and self._mine() and not os.path.exists(self.marker):
+                Path(self.marker).touch()
+                if self.how == "kill":
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise ValueError("boom in forward")
+        return self.net(x)
+
+    def _mine(self) -> bool:
+        import torch.distributed as dist
+
+        return (dist.get_rank() if dist.is_initialized() else 0) == self.rank
+
+
+def flaky_model(
+    marker: str = "", fail_at: int = 0, how: str = "raise", rank: int = 0
+) -> TorchModel:
+    """A TorchModel around :class:`Flaky` (fixed initial weights)."""
+    return TorchModel("flaky", object=Flaky(marker, fail_at, how, rank), preferred_devices=("cpu",))
+
+
+def ship_by_value() -> None:
+    """Ray workers cannot import the tests package: send this module's classes by value."""
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
