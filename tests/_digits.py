@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 
 from raytorch.model import TorchModel
+from raytorch.trainer import TorchTrainer
 
 
 def digits_rows(n_train: int = 1200, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -26,3 +30,21 @@ def mlp(identifier: str = "digits-mlp", hidden: int = 32, seed: int = 0) -> Torc
         torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10)
     )
     return TorchModel(identifier, object=module, preferred_devices=("cpu",))
+
+
+def small_trainer(tmp_path: Path, identifier: str, **over: Any) -> TorchTrainer:
+    """A 60-iteration, 1-worker digits trainer storing its runs under ``tmp_path``."""
+    base = {
+        "identifier": identifier,
+        "key": ("x", "y"),
+        "objective": "cross_entropy",
+        "loader_kwargs": {"batch_size": 32},
+        "max_iterations": 60,
+        "validation_interval": 10,
+        "no_improve_then_stop": None,
+        "optimizer_kwargs": {"lr": 3e-3},
+        "seed": 0,
+        "storage_path": str(tmp_path / "runs"),
+        "compute_kwargs": {"num_cpus": 1},
+    }
+    return TorchTrainer.model_validate({**base, **over})

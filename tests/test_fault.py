@@ -17,7 +17,7 @@ import pytest
 
 from raytorch.loop import TrainingError
 from raytorch.trainer import TorchTrainer
-from tests._digits import digits_rows
+from tests._digits import digits_rows, small_trainer
 from tests._flaky import flaky_model, ship_by_value
 
 EXPECTED = [0, 10, 20, 30, 40, 50, 60]  # validation iterations of an uninterrupted run
@@ -34,20 +34,7 @@ def digits():
 
 
 def _trainer(tmp_path: Path, **over) -> TorchTrainer:
-    base = {
-        "identifier": "fault",
-        "key": ("x", "y"),
-        "objective": "cross_entropy",
-        "loader_kwargs": {"batch_size": 32},
-        "max_iterations": 60,
-        "validation_interval": 10,
-        "no_improve_then_stop": None,
-        "optimizer_kwargs": {"lr": 3e-3},
-        "seed": 0,
-        "storage_path": str(tmp_path / "runs"),
-        "compute_kwargs": {"num_cpus": 1},
-    }
-    return TorchTrainer.model_validate({**base, **over})
+    return small_trainer(tmp_path, "fault", **over)
 
 
 def _assert_history_whole(history: dict[str, list[float]]) -> None:

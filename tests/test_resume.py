@@ -25,7 +25,7 @@ from raytorch.checkpoint import (
 from raytorch.config import TrainerConfig
 from raytorch.loop import InProcessContext, TensorBatches, TrainingError, run_loop
 from raytorch.trainer import TorchTrainer
-from tests._digits import digits_rows
+from tests._digits import digits_rows, small_trainer
 from tests._flaky import flaky_model, ship_by_value
 
 
@@ -167,20 +167,7 @@ def test_half_written_and_foreign_checkpoints_are_refused(tmp_path):
 
 
 def _trainer(tmp_path: Path, **over) -> TorchTrainer:
-    base = {
-        "identifier": "resume",
-        "key": ("x", "y"),
-        "objective": "cross_entropy",
-        "loader_kwargs": {"batch_size": 32},
-        "max_iterations": 60,
-        "validation_interval": 10,
-        "no_improve_then_stop": None,
-        "optimizer_kwargs": {"lr": 3e-3},
-        "seed": 0,
-        "storage_path": str(tmp_path / "runs"),
-        "compute_kwargs": {"num_cpus": 1},
-    }
-    return TorchTrainer.model_validate({**base, **over})
+    return small_trainer(tmp_path, "resume", **over)
 
 
 @pytest.mark.timeout(180)
