@@ -23,8 +23,9 @@ run: setup           ## the main job: train a digits classifier with 2 workers o
 predict-demo: setup  ## batch inference over a generated parquet dataset (ROWS=...)
 	$(VENV)/bin/raytorch predict jobs/predict_parquet.yaml data.rows=$(ROWS)
 
-lint: setup
+lint: setup          ## ruff, and the layers contract (a lower layer importing a higher one fails)
 	$(VENV)/bin/ruff check raytorch tests benchmarks jobs
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff format --check raytorch tests benchmarks jobs
 
 typecheck: setup

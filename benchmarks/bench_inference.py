@@ -98,7 +98,7 @@ def plain(files: list[Path], out: Path, batch_size: int) -> float:
 def run_raytorch(folder: Path, out: Path, batch_size: int) -> dict[str, float]:
     """(b) raytorch.predict end to end, with start-up and steady state split by progress events."""
     import raytorch
-    from raytorch.model import TorchModel
+    from raytorch.engine.model import TorchModel
 
     model = TorchModel("bench-mlp", object=make_model(), preferred_devices=("cpu",))
     events: list[tuple[float, int]] = []
@@ -143,8 +143,8 @@ def handwritten(folder: Path, out: Path, batch_size: int) -> float:
     import ray
     import ray.data
 
-    from raytorch._ray import cluster_nodes
-    from raytorch.inference import plan_pool
+    from raytorch.cluster.session import cluster_nodes
+    from raytorch.core.resources import plan_pool
 
     nodes = cluster_nodes()
     cpus = sum(n.get("CPU", 0) for n in nodes)
@@ -169,7 +169,7 @@ def handwritten(folder: Path, out: Path, batch_size: int) -> float:
 def _child(folder: str, out: str, batch_size: int) -> None:
     """Subprocess body for (d): run predict, print the driver's own peak RSS (bytes) as JSON."""
     import raytorch
-    from raytorch.model import TorchModel
+    from raytorch.engine.model import TorchModel
 
     model = TorchModel("bench-mlp", object=make_model(), preferred_devices=("cpu",))
     raytorch.predict(model, folder, out, key="x", batch_size=batch_size)
@@ -221,7 +221,7 @@ def main() -> None:
         a = plain(files, tmp / "out-plain", args.batch_size)
         print(f"(a) plain torch loop: {a:,.0f} rows/s")
 
-        from raytorch._ray import ensure_ray
+        from raytorch.cluster.session import ensure_ray
 
         t = time.perf_counter()
         ensure_ray()

@@ -162,7 +162,7 @@ class _SlowCollate:
         self.seconds, self.dim = seconds, dim
 
     def __call__(self, table: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        from raytorch.data import column_to_numpy
+        from raytorch.engine.arrow import column_to_numpy
 
         time.sleep(self.seconds)
         x = column_to_numpy(table.column("x"), "x").reshape(-1, self.dim)
@@ -217,8 +217,8 @@ class Bench:
         collate: Any = None,
     ) -> dict[str, float]:
         """One ``TorchTrainer.fit``; returns its timings (start-up recorded under ``label``)."""
-        from raytorch.model import TorchModel
-        from raytorch.trainer import TorchTrainer
+        from raytorch.cluster.trainer import TorchTrainer
+        from raytorch.engine.model import TorchModel
 
         trainer = TorchTrainer.model_validate(
             {
@@ -284,7 +284,7 @@ class Bench:
     def prefetch(self) -> list[Row]:
         import ray.data
 
-        from raytorch.data import to_table
+        from raytorch.engine.arrow import to_table
 
         # Steps of tens of ms: Ray Data's own per-batch cost (a few ms) is then not the bound.
         spec = SCALING
@@ -410,7 +410,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     print_machine()
 
-    from raytorch._ray import ensure_ray
+    from raytorch.cluster.session import ensure_ray
 
     # Ray starts its workers at niceness 15, the driver at 0: on a machine shared with other
     # (nice 0) work, a Ray task then gets ~1/28 of a busy core and figures swing 3x. Workers at

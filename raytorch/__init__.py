@@ -9,25 +9,26 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from raytorch.batching import create_batch, unpack_batch
-from raytorch.devices import DeviceChoice, choose_device
-from raytorch.signature import Signature
+from raytorch.core.batching import create_batch, unpack_batch
+from raytorch.core.devices import DeviceChoice, choose_device
+from raytorch.core.errors import RaytorchError, RunError, UserError
+from raytorch.core.signature import Signature
 
 __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first attribute access.
 _LAZY = {
-    "TorchModel": "raytorch.model",
-    "torchmodel": "raytorch.model",
-    "BasicDataset": "raytorch.model",
-    "EarlyStopping": "raytorch.stopping",
-    "StopReason": "raytorch.stopping",
-    "Metric": "raytorch.metrics",
-    "TorchTrainer": "raytorch.trainer",
-    "TrainingResult": "raytorch.trainer",
-    "evaluate": "raytorch.trainer",
-    "predict": "raytorch.inference",
-    "PredictSummary": "raytorch.inference",
+    "TorchModel": "raytorch.engine.model",
+    "torchmodel": "raytorch.engine.decorator",
+    "BasicDataset": "raytorch.engine.decorator",
+    "EarlyStopping": "raytorch.core.stopping",
+    "StopReason": "raytorch.core.stopping",
+    "Metric": "raytorch.core.metrics",
+    "TorchTrainer": "raytorch.cluster.trainer",
+    "TrainingResult": "raytorch.engine.runs",
+    "evaluate": "raytorch.cluster.trainer",
+    "predict": "raytorch.cluster.inference",
+    "PredictSummary": "raytorch.cluster.inference",
 }
 
 __all__ = [
@@ -36,11 +37,14 @@ __all__ = [
     "EarlyStopping",
     "Metric",
     "PredictSummary",
+    "RaytorchError",
+    "RunError",
     "Signature",
     "StopReason",
     "TorchModel",
     "TorchTrainer",
     "TrainingResult",
+    "UserError",
     "choose_device",
     "create_batch",
     "evaluate",

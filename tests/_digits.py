@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from raytorch.model import TorchModel
-from raytorch.trainer import TorchTrainer
+from raytorch.cluster.trainer import TorchTrainer
+from raytorch.engine.model import TorchModel
 
 
 def digits_rows(n_train: int = 1200, seed: int = 0) -> tuple[list[dict], list[dict]]:

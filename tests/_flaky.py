@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from raytorch.model import TorchModel
+from raytorch.engine.model import TorchModel
 
 
 class Flaky(torch.nn.Module):
@@ -17,15 +17,25 @@ class Flaky(torch.nn.Module):
     At training forward number ``fail_at`` (counted in this process) of rank ``rank``, and only
     while ``marker`` does not exist (it is created first, so a restarted worker passes), it raises
     ``ValueError`` (``how="raise"``) or kills its own process with SIGKILL (``how="kill"``).
+    ``kill_after_s`` waits before the kill: Ray Train registers a reported checkpoint
+    asynchronously, and a worker killed milliseconds after a report races that registration.
     """
 
-    def __init__(self, marker: str = "", fail_at: int = 0, how: str = "raise", rank: int = 0):
+    def __init__(
+        self,
+        marker: str = "",
+        fail_at: int = 0,
+        how: str = "raise",
+        rank: int = 0,
+        kill_after_s: float = 0.0,
+    ):
         super().__init__()
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(
             torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 10)
         )
         self.marker, self.fail_at, self.how, self.rank = marker, fail_at, how, rank
+        self.kill_after_s = kill_after_s
         self.steps = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +45,9 @@ class Flaky(torch.nn.Module):
                 Path(self.marker).touch()
                 if self.how == "kill":
                     import signal
+                    import time
 
+                    time.sleep(self.kill_after_s)
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise ValueError("boom in forward")
         return self.net(x)
@@ -47,10 +59,11 @@ class Flaky(torch.nn.Module):
 
 
 def flaky_model(
-    marker: str = "", fail_at: int = 0, how: str = "raise", rank: int = 0
+    marker: str = "", fail_at: int = 0, how: str = "raise", rank: int = 0, kill_after_s: float = 0.0
 ) -> TorchModel:
     """A TorchModel around :class:`Flaky` (fixed initial weights)."""
-    return TorchModel("flaky", object=Flaky(marker, fail_at, how, rank), preferred_devices=("cpu",))
+    module = Flaky(marker, fail_at, how, rank, kill_after_s)
+    return TorchModel("flaky", object=module, preferred_devices=("cpu",))
 
 
 def ship_by_value() -> None:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from raytorch._ray import apply_env_defaults
+from raytorch.cluster.session import apply_env_defaults
 
 
 @pytest.fixture(scope="session")

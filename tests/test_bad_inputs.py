@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raytorch._ray import ResourceError
-from raytorch.config import TrainerConfig
-from raytorch.data import DataError
-from raytorch.loop import InProcessContext, TrainingError, run_loop
-from raytorch.trainer import TorchTrainer
+from raytorch.cluster.trainer import TorchTrainer
+from raytorch.core.config import TrainerConfig
+from raytorch.core.errors import DataError, ResourceError, TrainingError
+from raytorch.engine.context import InProcessContext
+from raytorch.engine.loop import run_loop
 from tests._flaky import flaky_model
 
 
@@ -213,7 +213,7 @@ def test_package_never_evaluates_or_unpickles_untrusted_input():
 
 
 def test_job_file_with_a_python_object_tag_is_refused(tmp_path):
-    jobs = pytest.importorskip("raytorch.jobs")
+    jobs = pytest.importorskip("raytorch.jobs.files")
     path = tmp_path / "job.yaml"
     path.write_text("kind: train\nname: !!python/object/apply:os.system ['touch pwned']\n")
     with pytest.raises(jobs.JobFileError, match="not valid YAML"):

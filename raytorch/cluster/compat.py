@@ -1,0 +1,155 @@
+"""Every private or unstable Ray API raytorch uses, each with a fallback.
+
+Ray moves its internals between releases. Keeping each use here means one module to fix, and
+``tests/cluster/test_compat.py`` fails loudly (``PRIVATE_APIS``) when one of them has moved, while
+users keep working on the fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("raytorch")
+
+# Ray-internal loggers that are noise for raytorch users, and the level they are raised to.
+NOISY_LOGGERS = {
+    # Polls the State API, which needs the dashboard; warns (with tracebacks) every second.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.CRITICAL,
+    # "Reporting training result ...", "Started training worker group ..." on every report.
+    "ray.train": logging.WARNING,
+    "ray.data": logging.WARNING,
+}
+
+
+def _private_packaging() -> tuple[str, Callable[..., Any], Callable[..., Any]] | None:
+    try:
+        from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE
+        from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+    except ImportError:
+        return None
+    return RAY_RUNTIME_ENV_IGNORE_GITIGNORE, _dir_travel, _get_excludes
+
+
+def _private_num_cpus() -> Callable[[], float] | None:
+    try:
+        from ray._private.utils import get_num_cpus
+    except ImportError:
+        return None
+    return get_num_cpus  # type: ignore[no-any-return]
+
+
+def private_apis() -> dict[str, bool]:
+    """Which private Ray APIs this Ray still has (False: raytorch runs on the fallback)."""
+    return {
+        "runtime_env packaging (_dir_travel, _get_excludes)": _private_packaging() is not None,
+        "ray._private.utils.get_num_cpus": _private_num_cpus() is not None,
+    }
+
+
+def num_cpus() -> float:
+    """The CPUs a local ``ray.init()`` would detect (Ray's own rule honours cgroup limits)."""
+    private = _private_num_cpus()
+    if private is not None:
+        return float(private())
+    sched = getattr(os, "sched_getaffinity", None)
+    return float(len(sched(0)) if sched else (os.cpu_count() or 1))
+
+
+def upload_files(root: Path, excludes: Sequence[str]) -> list[tuple[Path, int]]:
+    """The files (and sizes) ``ray job submit`` would package from ``root`` with ``excludes``.
+
+    Uses Ray's own directory walk when it has one, so the answer matches what Ray uploads
+    (``.gitignore`` and ``.rayignore`` included); else a walk honouring ``excludes`` only.
+    """
+    found: list[tuple[Path, int]] = []
+
+    def handler(path: Path) -> None:
+        if path.is_file() and not path.is_symlink():
+            found.append((path, path.stat().st_size))
+
+    private = _private_packaging()
+    if private is not None:
+        ignore_env, dir_travel, get_excludes = private
+        include_gitignore = os.environ.get(ignore_env, "0") != "1"
+        dir_travel(root, [get_excludes(root, list(excludes))], handler, include_gitignore)
+        return found
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        parts = relative.split("/")
+        if any(
+            fnmatch.fnmatch(part, p.strip("/")) or fnmatch.fnmatch(relative, p.strip("/"))
+            for p in excludes
+            for part in parts
+        ):
+            continue
+        handler(path)
+    return found
+
+
+def quiet_ray_loggers() -> None:
+    """Raise Ray-internal loggers that only add noise (in Ray worker processes only)."""
+    if logging.getLogger("raytorch").isEnabledFor(logging.DEBUG):
+        return
+    for name, level in NOISY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+_DATA_KNOBS = {"enable_progress_bars": False, "print_on_execution_start": False}
+
+
+def _data_context() -> Any:
+    try:
+        from ray.data import DataContext
+    except ImportError:
+        return None
+    return DataContext.get_current()
+
+
+def quiet_ray_data_here() -> None:
+    """Keep Ray Data's progress bars and execution logs out of this process (a Ray worker's)."""
+    ctx = _data_context()
+    for knob, value in _DATA_KNOBS.items():
+        if ctx is not None and hasattr(ctx, knob):
+            setattr(ctx, knob, value)
+    debug = logging.getLogger("raytorch").isEnabledFor(logging.DEBUG)
+    logging.getLogger("ray.data").setLevel(logging.INFO if debug else logging.WARNING)
+
+
+@contextlib.contextmanager
+def quiet_ray_data() -> Iterator[None]:
+    """Ray Data quiet for one block of raytorch's own work in the driver, then as it was.
+
+    A user's own Ray Data pipelines after a ``fit`` or ``predict`` keep their progress bars.
+    """
+    ctx = _data_context()
+    saved = {k: getattr(ctx, k) for k in _DATA_KNOBS if ctx is not None and hasattr(ctx, k)}
+    data_logger = logging.getLogger("ray.data")
+    level = data_logger.level
+    quiet_ray_data_here()
+    try:
+        yield
+    finally:
+        for knob, value in saved.items():
+            setattr(ctx, knob, value)
+        data_logger.setLevel(level)
+
+
+def recorded_address() -> str | None:
+    """The address an earlier ``ray start`` recorded on this machine: what ``ray.init()``
+    without an address joins (``<temp dir>/ray_current_cluster``), or None."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        found: str | None = read_ray_address(None)
+    except ImportError:  # fallback: the file Ray writes, in its default temp dir
+        path = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        found = path.read_text().strip() if path.is_file() else None
+    except Exception:
+        return None
+    return found or None

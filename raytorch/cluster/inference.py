@@ -1,0 +1,522 @@
+"""Batch inference over datasets larger than memory: ``raytorch.predict``.
+
+How it runs: the input is cut into deterministic *units* (parquet file x run of row groups, or a
+fixed row range of a table). A Ray Data ``map_batches`` actor pool (a callable class on
+``ActorPoolStrategy``) receives unit descriptors, one per call; each actor loads the model once,
+streams its unit in batches (preprocess, collate, forward on the actor's own device, postprocess)
+and writes the unit's one part file itself (temp name, then rename), then its commit record. The
+driver only sees small commit records: memory stays bounded however large the input is.
+
+Why the actors write parts themselves instead of ``Dataset.write_parquet``: Ray Data's writer
+cannot resume and has reported silent row loss; a part per unit, committed by rename and recorded
+last, is what lets a re-run skip finished units, write each row exactly once, and reconcile counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raytorch.cluster.compat import quiet_ray_data
+from raytorch.cluster.session import check_schedulable, cluster_nodes, ensure_ray, ray_env
+from raytorch.core.errors import (
+    ColumnError,
+    ConfigError,
+    DataError,
+    JobMismatchError,
+    OutputError,
+    PoolError,
+    RaytorchError,
+    ReconciliationError,
+    RowError,
+    find_raytorch_error,
+)
+from raytorch.core.progress import show_progress
+from raytorch.core.resources import PoolPlan, compute_problems, plan_pool, task_options
+from raytorch.engine import parts as _parts
+from raytorch.engine.parts import OutputLayout, SourcePlan, Unit
+from raytorch.engine.predict_report import (
+    PredictProgress,
+    PredictSummary,
+    _reconcile,
+    _summary,
+    _Tracker,
+    progress_line,
+)
+from raytorch.engine.unit_runner import (
+    ID_COLUMN,
+    Key,
+    _check_columns,
+    _key_columns,
+    _model_fingerprint,
+    _Runner,
+)
+
+if TYPE_CHECKING:
+    from raytorch.engine.model import TorchModel
+
+logger = logging.getLogger("raytorch")
+# Units of at least this many rows: large enough that per-unit costs (open, footer, commit) vanish,
+# small enough for resume granularity and progress.
+DEFAULT_UNIT_ROWS = 131_072
+
+__all__ = [
+    "ColumnError",
+    "JobMismatchError",
+    "PoolError",
+    "PredictProgress",
+    "PredictSummary",
+    "ReconciliationError",
+    "RowError",
+    "plan_pool",
+    "predict",
+]
+
+
+class _UnitWorker:
+    """The Ray Data actor: loads the model once, then runs one unit per call."""
+
+    def __init__(self, model_box: list[Any], table_box: list[Any], options: dict[str, Any]) -> None:
+        import ray
+
+        from raytorch.core.devices import apply_threads
+
+        apply_threads(options.pop("threads"))
+        model = ray.get(model_box[0])
+        self.batch_size = options.pop("batch_size")
+        self.mode = options.pop("mode")
+        self.table: pa.Table | None = ray.get(table_box[0]) if table_box else None
+        self.runner = _Runner(model, **options)
+        logger.info("inference actor on %s", self.runner.device)
+
+    def _batches(self, unit: Unit) -> Iterator[pa.Table]:
+        if self.table is not None:
+            part = self.table.slice(unit.start, unit.num_rows)
+            for rb in part.to_batches(max_chunksize=self.batch_size):
+                yield pa.Table.from_batches([rb])
+        else:
+            yield from _parts.read_unit(unit, self.runner.columns, self.batch_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        try:
+            records = self._run(batch)
+        except RaytorchError as exc:
+            # Ray Data would wrap it in a UserCodeException that reaches the driver without the
+            # original; a record naming the class lets the driver raise raytorch's own error.
+            error = {"error": type(exc).__name__, "message": str(exc)}
+            return pa.table({"record": [json.dumps(error)]})
+        return pa.table({"record": [json.dumps(r) for r in records]})
+
+    def _run(self, batch: pa.Table) -> list[dict[str, Any]]:
+        records = []
+        if self.mode == "dataset":
+            # A block of a Ray Dataset: its own unit (no stable position to resume from).
+            unit = Unit(f"b-{uuid.uuid4().hex[:16]}", 0, batch.num_rows)
+            tables = (
+                batch.slice(s, self.batch_size) for s in range(0, batch.num_rows, self.batch_size)
+            )
+            records.append(self.runner.run_unit(unit, tables))
+        else:
+            for text in batch.column("unit").to_pylist():
+                unit = Unit.from_json(text)
+                records.append(self.runner.run_unit(unit, self._batches(unit)))
+        return records
+
+
+def _raise_worker_error(record: Mapping[str, Any]) -> None:
+    """Raise the raytorch error an actor reported (its class is checked to be one of ours)."""
+    from raytorch.core import errors
+
+    cls = getattr(errors, str(record["error"]), None)
+    if not (isinstance(cls, type) and issubclass(cls, RaytorchError)) or cls is errors.JobFileError:
+        cls = errors.RunError
+    raise cls(str(record["message"]))
+
+
+def _resolve_model(model: TorchModel | str | os.PathLike[str]) -> TorchModel:
+    """The model itself, or the one saved at a path (loaded once, on the driver's CPU)."""
+    if isinstance(model, (str, os.PathLike)):
+        from raytorch.engine.model import TorchModel
+
+        return TorchModel.load(os.fspath(model), map_location="cpu")
+    return model
+
+
+def _plan_source(data: Any, unit_rows: int) -> tuple[str, SourcePlan | None, Any]:
+    """Return (mode, plan, dataset): mode is 'parquet', 'table' or 'dataset'."""
+    if isinstance(data, pa.Table):
+        return "table", _parts.plan_table(data, unit_rows), None
+    if type(data).__name__ in ("Dataset", "MaterializedDataset") and hasattr(data, "iter_batches"):
+        return "dataset", None, data
+    if isinstance(data, (str, os.PathLike)) or (
+        isinstance(data, (list, tuple)) and all(isinstance(d, (str, os.PathLike)) for d in data)
+    ):
+        return "parquet", _parts.plan_parquet(_parts.list_parquet(data), unit_rows), None
+    raise DataError(
+        f"data of type {type(data).__name__} is not supported; pass a parquet file, folder or URI "
+        "(or a list of them), a pyarrow.Table or a ray.data.Dataset"
+    )
+
+
+@dataclass
+class _Plan:
+    """Everything ``predict`` decided on the driver before any Ray work."""
+
+    model: TorchModel
+    mode: str  # 'parquet', 'table' or 'dataset'
+    source: SourcePlan | None
+    dataset: Any
+    data: Any
+    layout: OutputLayout
+    job: dict[str, Any]
+    options: dict[str, Any]  # for the actors' unit runner
+    compute: dict[str, Any]  # Ray options per actor, before pool planning
+    concurrency: int | None
+    num_threads: int | None
+    batch_size: int
+    unit_rows: int
+
+
+def _plan(model: Any, data: Any, output: Any, opts: dict[str, Any]) -> _Plan:
+    """Resolve the model and the input, name every unit and the job's fingerprint (no Ray)."""
+    if not isinstance(opts["batch_size"], int) or opts["batch_size"] < 1:
+        raise ConfigError(f"batch_size={opts['batch_size']!r} must be an integer >= 1")
+    torch_model = _resolve_model(model)
+    flatten = opts["flatten"]
+    flatten = bool(getattr(torch_model, "flatten", False)) if flatten is None else flatten
+    mode, source, dataset = _plan_source(data, opts["unit_rows"])
+    key, id_column, carry = opts["key"], opts["id_column"], list(opts["carry_columns"])
+    layout = OutputLayout(output, opts["errors_output"])
+    job = {
+        "model": _model_fingerprint(torch_model),
+        "input": source.fingerprint if source is not None else "ray.data.Dataset",
+        "key": key
+        if isinstance(key, str)
+        else (dict(key) if isinstance(key, Mapping) else list(key)),
+        "id_column": id_column,
+        "carry_columns": carry,
+        "flatten": flatten,
+        "prediction_column": opts["prediction_column"],
+        "unit_rows": opts["unit_rows"],
+        "errors_output": layout.errors_uri,
+    }
+    compute = task_options(torch_model.compute_kwargs or {})
+    given = opts["compute_kwargs"] or {}
+    problems = compute_problems(given)
+    if "num_workers" in given:
+        problems.append("compute_kwargs['num_workers'] is a training setting; use concurrency=")
+    if problems:
+        raise PoolError("; ".join(problems))
+    compute.update(task_options(given))
+    runner = {
+        "key": key,
+        "id_column": id_column,
+        "carry_columns": carry,
+        "flatten": flatten,
+        "prediction_column": opts["prediction_column"],
+        "strict": opts["strict"],
+        "output": layout.uri,
+        "errors_output": layout.errors_uri,
+    }
+    return _Plan(
+        torch_model,
+        mode,
+        source,
+        dataset,
+        data,
+        layout,
+        job,
+        runner,
+        compute,
+        opts["concurrency"],
+        opts["num_threads"] or torch_model.num_threads,
+        opts["batch_size"],
+        opts["unit_rows"],
+    )
+
+
+def _validate(plan: _Plan) -> None:
+    """Columns, ids, output and errors output: every check that needs no Ray, before Ray starts."""
+    opts = plan.options
+    key, id_column, carry = opts["key"], opts["id_column"], opts["carry_columns"]
+    if plan.mode == "dataset" and not id_column:
+        raise ColumnError(
+            "a ray.data.Dataset has no stable row order to number rows by; name an id column "
+            "with id_column=..., or pass the parquet path or a pyarrow.Table"
+        )
+    schema = plan.source.schema if plan.source is not None else plan.dataset.schema().base_schema
+    _check_columns(schema, key, id_column, carry)
+    prediction_column = opts["prediction_column"]
+    if prediction_column in carry or prediction_column in (id_column, ID_COLUMN):
+        raise OutputError(
+            f"prediction_column={prediction_column!r} clashes with the id or carry columns"
+        )
+    if id_column and plan.mode != "dataset":
+        _check_ids(plan, id_column)
+    if plan.mode == "dataset" and plan.layout.has_job():
+        raise JobMismatchError(
+            f"output={plan.layout.uri!r} already holds a job, and a ray.data.Dataset input cannot "
+            "be checked against it or resumed (it has no stable units); write to a new output, "
+            "or pass the parquet path or a pyarrow.Table for resumable runs"
+        )
+
+
+def _check_ids(plan: _Plan, id_column: str) -> None:
+    """A named id column must hold one distinct, non-null value per row (they identify rows)."""
+    if plan.mode == "table":
+        ids = plan.data.column(id_column)
+    else:
+        assert plan.source is not None
+        ids = _parts.read_column([u.path for u in plan.source.units], id_column)
+    if ids.null_count:
+        raise RowError(
+            f"id_column={id_column!r} has {ids.null_count} null value(s); every row needs an id "
+            "(fill them, or leave id_column unset to number rows by position)"
+        )
+    distinct = pc.count_distinct(ids).as_py()
+    if distinct != len(ids):
+        counts = pc.value_counts(ids)
+        dup = next(c["values"] for c in counts.to_pylist() if c["counts"] > 1)
+        raise RowError(
+            f"id_column={id_column!r} has {len(ids) - distinct} duplicated value(s), e.g. {dup!r} "
+            "twice; ids must identify rows (dedupe the input, or leave id_column unset)"
+        )
+
+
+def _resume_state(plan: _Plan) -> tuple[dict[str, dict[str, Any]], list[Unit] | None] | None:
+    """Claim the output; the committed records and the units left to do (None: all done)."""
+    layout = plan.layout
+    layout.claim(plan.job)
+    if layout.manifest() is not None:
+        return None
+    layout.clean_tmp()
+    records = layout.committed()
+    if layout.remove_uncommitted(records):
+        logger.info("removed parts of units that never committed; they will be redone")
+    if records:
+        logger.info("resuming %s: %d unit(s) already committed", layout.uri, len(records))
+    units = plan.source.units if plan.source is not None else None
+    todo = [u for u in units if u.id not in records] if units is not None else None
+    return records, todo
+
+
+def _pool(plan: _Plan, todo: list[Unit] | None) -> tuple[PoolPlan, dict[str, Any]]:
+    """The actor pool for this cluster, checked against it (after Ray is up)."""
+    nodes = cluster_nodes()
+    pool = plan_pool(
+        cluster_cpus=sum(n.get("CPU", 0.0) for n in nodes),
+        cluster_gpus=sum(n.get("GPU", 0.0) for n in nodes),
+        node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=1.0),
+        concurrency=plan.concurrency,
+        compute_kwargs=plan.compute,
+        units=len(todo) if todo is not None else None,
+        num_threads=plan.num_threads,
+    )
+    logger.info("inference pool: %s", pool.reason)
+    actor = {**plan.compute, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
+    check_schedulable(actor, field="compute_kwargs")
+    return pool, actor
+
+
+def _records(plan: _Plan, pool: PoolPlan, actor: dict[str, Any], todo: list[Unit] | None) -> Any:
+    """The Ray Data pipeline whose rows are the commit records of the units it ran."""
+    import ray
+    import ray.data
+
+    options = {
+        **plan.options,
+        "threads": pool.threads,
+        "batch_size": plan.batch_size,
+        "mode": plan.mode,
+    }
+    # The model goes to the object store once, on CPU so CPU-only actors can unpickle it (a saved
+    # model too: its path may not exist on other nodes). Boxed in a list so Ray hands the actor
+    # the reference, not a copy per actor argument.
+    model_box = [ray.put(plan.model._shippable())]
+    table_box = [ray.put(plan.data)] if plan.mode == "table" else []
+    if plan.mode == "dataset":
+        columns = [*_key_columns(options["key"]), *options["carry_columns"], options["id_column"]]
+        source = plan.dataset.select_columns(list(dict.fromkeys(columns)))
+        batch: int | None = plan.unit_rows
+    else:
+        assert todo is not None
+        source = ray.data.from_items(
+            [{"unit": u.to_json()} for u in todo], override_num_blocks=len(todo)
+        )
+        batch = 1
+    extra = {k: v for k, v in actor.items() if k in ("memory", "resources", "accelerator_type")}
+    return source.map_batches(
+        _UnitWorker,
+        fn_constructor_args=(model_box, table_box, options),
+        batch_size=batch,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool.size),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+        zero_copy_batch=True,
+        **extra,
+    )
+
+
+def _execute(
+    plan: _Plan,
+    records: dict[str, dict[str, Any]],
+    todo: list[Unit] | None,
+    progress: Callable[[PredictProgress], None] | None,
+    interval_s: float,
+) -> tuple[float | None, int]:
+    """Run the units left; return (seconds to the first committed unit, rows read by this run)."""
+    started = time.monotonic()
+    pool, actor = _pool(plan, todo)
+    rows_before = sum(r["rows_read"] for r in records.values())
+    units = plan.source.units if plan.source is not None else None
+    rows_total = plan.source.num_rows if plan.source is not None else None
+    tracker = _Tracker(rows_total, len(units) if units else None, rows_before)
+    startup: float | None = None
+    last_log = started
+    try:
+        for row in _records(plan, pool, actor, todo).iter_rows():
+            rec = json.loads(row["record"])
+            if "error" in rec:
+                _raise_worker_error(rec)
+            records[rec["unit"]] = rec
+            update = tracker.update(rec["rows_read"], len(records))
+            startup = startup if startup is not None else time.monotonic() - started
+            if progress is not None:
+                progress(update)
+            if time.monotonic() - last_log >= interval_s:
+                last_log = time.monotonic()
+                logger.info(progress_line(update))
+    except Exception as exc:
+        found = find_raytorch_error(exc)
+        if found is None or found is exc:
+            raise
+        raise found from exc
+    return startup, tracker.rows_done - rows_before
+
+
+def _finalize(plan: _Plan, records: dict[str, dict[str, Any]]) -> None:
+    """Reconcile the counts, then write the manifest and the success marker (last)."""
+    units = plan.source.units if plan.source is not None else None
+    _reconcile(plan.layout, units, records)
+    manifest = {
+        "rows_read": sum(r["rows_read"] for r in records.values()),
+        "units": [records[k] for k in sorted(records)],
+        "parts": [
+            {"path": records[k]["part"], "rows": records[k]["rows_written"]}
+            for k in sorted(records)
+            if records[k]["part"]
+        ],
+    }
+    plan.layout.finish(manifest)
+
+
+def predict(
+    model: TorchModel | str | os.PathLike[str],
+    data: Any,
+    output: str | os.PathLike[str],
+    *,
+    key: Key,
+    id_column: str | None = None,
+    carry_columns: Sequence[str] = (),
+    batch_size: int = 8192,
+    concurrency: int | None = None,
+    compute_kwargs: Mapping[str, Any] | None = None,
+    strict: bool = False,
+    errors_output: str | None = None,
+    flatten: bool | None = None,
+    progress: Callable[[PredictProgress], None] | None = None,
+    prediction_column: str = "prediction",
+    unit_rows: int = DEFAULT_UNIT_ROWS,
+    num_threads: int | None = None,
+    progress_interval_s: float = 5.0,
+) -> PredictSummary:
+    """Run ``model`` over ``data`` on a Ray Data actor pool and write parquet parts to ``output``.
+
+    Re-running the same call after a crash finishes the job without redoing committed units; a
+    finished output (``_SUCCESS``) is returned as is when its input and model are the same.
+
+    Args:
+        model: a ``TorchModel`` or the path of one saved with ``TorchModel.save``.
+        data: parquet file/folder/URI (or a list), a ``pyarrow.Table`` or a ``ray.data.Dataset``
+            (a Dataset needs ``id_column`` and cannot be resumed: it has no stable row order).
+        output: folder or URI for ``part-*.parquet``, ``_manifest.json`` and ``_SUCCESS``.
+        key: input column (``'x'``), columns for a ``'*args'`` preprocess (``['a', 'b']``), or
+            ``{column: argument}`` for ``'**kwargs'``.
+        id_column: an input column written as the row id (non-null and unique); default: ``_id``,
+            the row's position in the input (files in sorted order), stable across re-runs.
+        carry_columns: input columns copied to the output.
+        batch_size: rows per forward call.
+        concurrency: actors in the pool; default one per GPU asked for, else CPUs less one.
+        compute_kwargs: Ray options per actor (``num_cpus``, ``num_gpus``, ``memory``,
+            ``resources``, ``accelerator_type``); default ``model.compute_kwargs``.
+        strict: fail on the first row that fails preprocess instead of writing it to errors.
+        errors_output: where rejected rows go; default ``<output>/_errors``.
+        flatten: one output row per element of a row's list (with ``_pos``); default
+            ``model.flatten``.
+        progress: called with a ``PredictProgress`` after every committed unit.
+        prediction_column: name of the output column (dict outputs use their keys).
+        unit_rows: rows per unit of work (whole row groups); the resume granularity.
+        num_threads: torch threads per actor; default the node's cores per actor.
+        progress_interval_s: least seconds between progress log lines.
+
+    Raises:
+        ColumnError: a named column is missing (the message lists the columns there are).
+        DataError: a file that is not readable parquet, or whose schema differs from the others.
+        RowError: null or duplicated ids; with ``strict=True``, the first bad row's id and reason.
+        PoolError, ResourceError: the actor request would starve the pipeline or never run.
+        JobMismatchError: ``output`` holds parts of a different job (other data or model).
+        ReconciliationError: counts do not add up (the output is then not marked complete).
+    """
+    show_progress()
+    started = time.monotonic()
+    opts = {
+        "key": key,
+        "id_column": id_column,
+        "carry_columns": carry_columns,
+        "batch_size": batch_size,
+        "concurrency": concurrency,
+        "compute_kwargs": compute_kwargs,
+        "strict": strict,
+        "errors_output": errors_output,
+        "flatten": flatten,
+        "prediction_column": prediction_column,
+        "unit_rows": unit_rows,
+        "num_threads": num_threads,
+    }
+    plan = _plan(model, data, output, opts)
+    _validate(plan)
+    state = _resume_state(plan)
+    if state is None:
+        logger.info("output %s is already complete; nothing to do", plan.layout.uri)
+        done = plan.layout.manifest() or {"units": []}
+        recs = {p["unit"]: p for p in done["units"]}
+        return _summary(plan.layout, recs, len(recs), started, None, 0)
+    records, todo = state
+    skipped = len(records)
+    startup, rows_run = None, 0
+    if todo is None or todo:
+        with ray_env(), quiet_ray_data():
+            ensure_ray()
+            startup, rows_run = _execute(plan, records, todo, progress, progress_interval_s)
+    _finalize(plan, records)
+    summary = _summary(plan.layout, records, skipped, started, startup, rows_run)
+    logger.info(
+        "predict done: %d rows read, %d written, %d rejected in %.1f s (%.0f rows/s) -> %s",
+        summary.rows_read,
+        summary.rows_written,
+        summary.rows_rejected,
+        summary.elapsed_s,
+        summary.rows_per_s,
+        summary.output,
+    )
+    return summary

@@ -1,0 +1,253 @@
+"""Run the per-worker loop on Ray: a Ray task for one worker, Ray Train (DDP) for several.
+
+Shards: in-memory training (the default) materialises the data on the driver and hands each
+worker an exact, disjoint part, so no Ray Data work runs beside the workers. Streaming
+(``data_prefetch=True``) gives Ray Train the dataset (``get_dataset_shard``) or, for one worker,
+the task the dataset itself; ``plan_cpus`` then keeps a CPU free for Ray Data's read tasks.
+Validation data is always split exactly (``raytorch.data.split_exact``).
+
+Progress: workers put lines into a small zero-CPU actor that a driver thread drains into the
+``raytorch`` logger, the same way for 1 and N workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from raytorch.cluster.worker import ShardSpec, _ProgressSink, _task_main, _train_main
+from raytorch.core.config import TrainerConfig
+from raytorch.core.errors import RaytorchError, TrainingError, find_raytorch_error
+from raytorch.core.resources import WorkerPlan
+from raytorch.engine.context import LoopResult
+from raytorch.engine.fs import join
+
+logger = logging.getLogger("raytorch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+class _Drain:
+    """A driver thread that moves progress lines from the sink actor into the logger."""
+
+    def __init__(self, sink: Any, period_s: float = 0.3) -> None:
+        self.sink, self.period_s = sink, period_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="raytorch-progress", daemon=True)
+
+    def _emit(self) -> None:
+        import ray
+
+        try:
+            for line in ray.get(self.sink.drain.remote(), timeout=10):
+                logger.info(line)
+        except Exception as exc:  # progress is best effort; never fail a run because of it
+            logger.debug("progress lines could not be fetched: %s", exc)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.period_s):
+            self._emit()
+
+    def __enter__(self) -> _Drain:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._emit()
+
+
+# The driver's progress sink, per Ray job: the handle is kept here because Ray destroys an actor
+# once no handle refers to it (named or not), and a later fit could then get the dying one.
+_SINKS: dict[str, Any] = {}
+
+
+def _progress_sink() -> Any:
+    """One sink per driver, reused by every fit: a new actor process per fit would import torch
+    (seconds of CPU) right beside the training worker's first steps."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    sink = _SINKS.get(job)
+    if sink is None:
+        sink = (
+            ray.remote(num_cpus=0)(_ProgressSink).options(name=f"raytorch-progress-{job}").remote()
+        )
+        _SINKS.clear()  # handles of an earlier Ray session are of no use
+        _SINKS[job] = sink
+    return sink
+
+
+def launch(
+    model: Any,
+    cfg: TrainerConfig,
+    plan: WorkerPlan,
+    shards: list[ShardSpec],
+    train_ds: Any,
+    seed: int | None,
+    storage_path: str,
+    run_name: str,
+    resume: str | None = None,
+) -> LoopResult:
+    """Run the loop on ``plan.num_workers`` workers and return rank 0's result.
+
+    Args:
+        resume: a checkpoint (path or URI) to start from, or None.
+
+    Raises:
+        TrainingError: a worker failed (naming rank and iteration, the worker's error chained),
+            or workers died more than ``max_failures`` times.
+    """
+
+    sink = _progress_sink()
+    if plan.message:
+        logger.warning(plan.message)
+    with _Drain(sink):
+        if plan.num_workers == 1:
+            run_dir = join(storage_path, run_name)
+            return _run_task(model, cfg, plan, shards[0], seed, sink, run_dir, resume)
+        return _fit_ray_train(
+            model, cfg, plan, shards, train_ds, seed, sink, storage_path, run_name, resume
+        )
+
+
+def _system_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors for a worker process or node that died (retried), not a raised exception."""
+    import ray.exceptions as rex
+
+    names = ("WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "ActorDiedError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
+def _run_task(
+    model: Any,
+    cfg: TrainerConfig,
+    plan: WorkerPlan,
+    shard: ShardSpec,
+    seed: int | None,
+    sink: Any,
+    run_dir: str,
+    resume: str | None,
+) -> LoopResult:
+    """One worker as a Ray task; when its process dies, run it again from the last checkpoint,
+    up to ``max_failures`` times (an exception raised by the user's code is not retried: it
+    would fail the same way)."""
+    import ray
+
+    from raytorch.engine.checkpoints import latest_checkpoint
+
+    remote = ray.remote(_task_main).options(max_retries=0, **plan.options)
+    failures = 0
+    reason: str | None = None
+    while True:
+        try:
+            return ray.get(remote.remote(model, cfg, shard, seed, sink, run_dir, resume, reason))
+        except ray.exceptions.RayTaskError as exc:
+            error = find_raytorch_error(exc)
+            if error is not None:
+                raise error from None  # a TrainingError's __cause__ is the user's exception
+            raise
+        except _system_errors() as exc:
+            failures += 1
+            if failures > cfg.max_failures:
+                raise TrainingError(
+                    f"the training worker died ({type(exc).__name__}) and max_failures="
+                    f"{cfg.max_failures} restarts are used up; raise max_failures to restart it "
+                    "from its last checkpoint, or resume later with the same run_name",
+                    exc,
+                ) from exc
+            found = latest_checkpoint(run_dir) if cfg.checkpoint_every else None
+            resume = found or resume
+            reason = f"the training worker's process died ({type(exc).__name__})"
+            logger.warning(
+                "the training worker died (%s); restart %d of max_failures=%d from %s",
+                type(exc).__name__,
+                failures,
+                cfg.max_failures,
+                resume or "the start (no checkpoint yet)",
+            )
+
+
+def _train_failure(error: BaseException) -> RaytorchError:
+    """The workers' own raytorch error inside Ray Train's error (one message, the first rank's
+    found), else a TrainingError that wraps it."""
+    found = find_raytorch_error(error)
+    if isinstance(found, TrainingError):
+        return TrainingError(str(found), found.cause)
+    if found is not None:
+        return found
+    return TrainingError(f"training failed on Ray Train: {error}", error)
+
+
+def _ray_train_log_level() -> str:
+    return "INFO" if logger.isEnabledFor(logging.DEBUG) else "WARNING"
+
+
+def _fit_ray_train(
+    model: Any,
+    cfg: TrainerConfig,
+    plan: WorkerPlan,
+    shards: list[ShardSpec],
+    train_ds: Any,
+    seed: int | None,
+    sink: Any,
+    storage_path: str,
+    run_name: str,
+    resume: str | None = None,
+) -> LoopResult:
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.torch import TorchTrainer
+
+    streaming = cfg.streaming
+    trainer = TorchTrainer(
+        _train_main,  # type: ignore[arg-type]
+        train_loop_config={
+            "model": model,
+            "cfg": cfg,
+            "shards": shards,
+            "seed": seed,
+            "sink": sink,
+            "resume": resume,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=plan.num_workers,
+            use_gpu=plan.use_gpu,
+            resources_per_worker=plan.resources_per_worker(),
+            accelerator_type=plan.options.get("accelerator_type"),
+        ),
+        run_config=RunConfig(  # type: ignore[call-arg]
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint_num_to_keep),
+            # Ray Train's INFO lines (every report, worker group start) are internals here.
+            logging_config=LoggingConfig(log_level=_ray_train_log_level()),
+        ),
+        datasets={"train": train_ds} if streaming else None,
+        dataset_config=DataConfig(datasets_to_split=["train"]) if streaming else None,
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # V2 raises from fit() when the group failed for good
+        raise _train_failure(exc) from exc
+    error = getattr(result, "error", None)
+    if error is not None:
+        raise _train_failure(error) from error
+    out = getattr(result, "return_value", None)
+    if not isinstance(out, LoopResult):
+        raise RuntimeError(
+            "Ray Train returned no result from rank 0 (this Ray version may lack "
+            "Result.return_value; raytorch needs Ray Train V2, Ray >= 2.50)"
+        )
+    return out

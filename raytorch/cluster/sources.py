@@ -1,0 +1,188 @@
+"""Data sources as Ray Datasets, and each worker's exact part of them.
+
+Sources: a ``ray.data.Dataset``; a parquet path or URI (local or object storage); a
+``pyarrow.Table``; a pandas DataFrame; a list of dicts; a dict of equal-length numpy arrays or
+tensors. Driver-side sources are converted with :mod:`raytorch.engine.arrow`; shards travel to
+workers as object refs of Arrow tables (exact, disjoint parts), or are downloaded once per node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from raytorch.core.config import Layout
+from raytorch.core.errors import DataError
+from raytorch.engine.arrow import to_table
+from raytorch.engine.tables import ArrowCollate, RowMap, check_parquet
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def to_dataset(source: Any, field: str = "data") -> ray.data.Dataset:
+    """Turn a data source into a ``ray.data.Dataset`` (see the module docstring for sources).
+
+    Raises:
+        DataError: a missing local file or directory (naming it), an empty or malformed source,
+            or an unsupported type.
+    """
+    import ray.data
+
+    if isinstance(source, ray.data.Dataset):
+        return source
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if isinstance(source, str):
+        if not _is_uri(source) and not Path(source).exists():
+            raise DataError(
+                f"{field}={source!r}: no such file or directory (looked in {Path.cwd()}); give the "
+                "path of a parquet file or directory, or a URI such as s3://bucket/prefix"
+            )
+        if not _is_uri(source):
+            check_parquet(source, field)
+        try:
+            return ray.data.read_parquet(source)
+        except Exception as exc:  # object storage: a corrupt file shows only here
+            raise DataError(
+                f"{field}={source!r} could not be read as parquet: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}; check the files there"
+            ) from exc
+    if isinstance(source, pa.Table):
+        if source.num_rows == 0:
+            raise DataError(f"{field} is an empty pyarrow.Table; give at least one row")
+        return ray.data.from_arrow(source)
+    if type(source).__name__ == "DataFrame" and hasattr(source, "to_dict"):
+        return ray.data.from_arrow(pa.Table.from_pandas(source, preserve_index=False))
+    if isinstance(source, (list, tuple, Mapping)):
+        return ray.data.from_arrow(to_table(source, field))
+    raise DataError(
+        f"{field} is a {type(source).__name__}; give a ray.data.Dataset, a parquet path or URI, "
+        "a pyarrow.Table, a list of dicts, or a dict of equal-length arrays"
+    )
+
+
+def shard_refs(data: Any, n: int, count: int) -> list[list[Any]]:
+    """``n`` exact, disjoint parts of a table or dataset, each as object refs of Arrow tables.
+
+    Workers ``ray.get`` the tables without importing or running Ray Data.
+    """
+    import ray
+
+    bounds = [count * i // n for i in range(n + 1)]
+    if isinstance(data, pa.Table):
+        return [[ray.put(data.slice(bounds[i], bounds[i + 1] - bounds[i]))] for i in range(n)]
+    return [list(part.to_arrow_refs()) for part in split_exact(data, n, count)]
+
+
+def holdout(
+    ds: ray.data.Dataset, fraction: float, seed: int | None
+) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """Split off ``fraction`` of the rows for validation, the same rows for the same seed."""
+    train, valid = ds.train_test_split(test_size=fraction, shuffle=True, seed=seed)
+    return train, valid
+
+
+def split_exact(ds: ray.data.Dataset, n: int, count: int | None = None) -> list[Any]:
+    """``n`` materialised, disjoint, contiguous parts covering every row (no drop, no duplicate).
+
+    Ray Train's own split (``equal=True``) may drop remainder rows, which is fine for training but
+    would make validation inexact.
+    """
+    if n == 1:
+        return [ds.materialize()]
+    total = ds.count() if count is None else count
+    indices = [total * i // n for i in range(1, n)]
+    return list(ds.split_at_indices(indices))
+
+
+def arrow_collate(
+    layout: Layout, as_dict: bool, user: Callable[[Any], Any] | None = None, check: bool = True
+) -> Any:
+    """An ``ArrowBatchCollateFn`` (so Ray Data hands over pyarrow tables) wrapping ArrowCollate."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class _Collate(ArrowBatchCollateFn):
+        def __init__(self) -> None:
+            self.inner = ArrowCollate(layout, as_dict, user, check)
+
+        def __call__(self, batch: pa.Table) -> Any:
+            return self.inner(batch)
+
+    return _Collate()
+
+
+# ---------------------------------------------------------------------------------------------
+# download=True
+
+
+def download(uri: str, cache_root: str | os.PathLike[str] | None = None) -> Path:
+    """Copy ``uri`` (object storage) to a local cache directory once; return the local path.
+
+    The copy lands under ``$RAYTORCH_CACHE`` (default ``~/.cache/raytorch``) in a directory named
+    by a hash of the URI, and is reused by later runs on the same machine.
+    """
+    from pyarrow import fs
+
+    root = Path(cache_root or os.environ.get("RAYTORCH_CACHE", "~/.cache/raytorch")).expanduser()
+    target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    done = target / ".complete"
+    if done.exists():
+        return target / "data"
+    filesystem, path = fs.FileSystem.from_uri(uri)
+    info = filesystem.get_file_info(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    (tmp / "data").mkdir(parents=True, exist_ok=True)
+    dest = tmp / "data" if info.type == fs.FileType.Directory else tmp / "data" / Path(path).name
+    fs.copy_files(
+        path, str(dest), source_filesystem=filesystem, destination_filesystem=fs.LocalFileSystem()
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another worker on this machine finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    (target / ".complete").touch()
+    return target / "data"
+
+
+class Download:
+    """A worker-side source: copy ``uri`` to local disk once (``download=True``), then read this
+    rank's exact, contiguous part of the rows with pyarrow (no Ray Data on the worker).
+
+    Args:
+        uri: a parquet file or directory in object storage.
+        columns: the key columns to read.
+        row_map: the per-row map (transform / train preprocess), applied after reading, or None.
+    """
+
+    def __init__(self, uri: str, columns: Sequence[str], row_map: RowMap | None = None) -> None:
+        self.uri, self.columns, self.row_map = uri, list(columns), row_map
+
+    def read(self, rank: int = 0, world_size: int = 1) -> pa.Table:
+        """This rank's part of the rows, as a table (mapped when there is a row map)."""
+        import pyarrow.dataset as pads
+
+        local = download(self.uri)
+        table = pads.dataset(str(local), format="parquet").to_table(columns=self.columns)
+        start = table.num_rows * rank // world_size
+        stop = table.num_rows * (rank + 1) // world_size
+        part = table.slice(start, stop - start)
+        if self.row_map is None:
+            return part
+        return to_table([self.row_map(row) for row in part.to_pylist()], self.uri)

@@ -1,0 +1,231 @@
+"""The worker side of training on Ray: the loop's context in a Ray task or a Ray Train worker.
+
+Shards: in-memory training hands each worker an exact, disjoint part as object refs of Arrow tables;
+streaming (``data_prefetch=True``) iterates Ray Data's shard with prefetching. Progress lines go to
+a small zero-CPU actor that a driver thread drains into the ``raytorch`` logger.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raytorch.cluster.compat import quiet_ray_data_here
+from raytorch.core.config import Layout, TrainerConfig, resolve_callable
+from raytorch.engine.context import Batch, LoopResult, TensorBatches, WorkerContext
+from raytorch.engine.loop import run_loop
+from raytorch.engine.tables import check_finite
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+class _ProgressSink:
+    """A zero-CPU actor holding progress lines until the driver drains them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def put(self, line: str) -> None:
+        self.lines.append(line)
+
+    def drain(self) -> list[str]:
+        out, self.lines = self.lines, []
+        return out
+
+
+@dataclass
+class ShardSpec:
+    """What a worker needs to build its batches (picklable)."""
+
+    layout: Layout
+    as_dict: bool
+    streaming: bool
+    # Refs of Arrow tables (in memory), a Download (download=True), a Dataset (one streaming
+    # worker), or None (Ray Train's own shard when streaming).
+    train: Any
+    valid: Any  # this rank's exact part of the validation rows: refs of Arrow tables, a Download
+
+
+class RayContext(WorkerContext):
+    """The loop's context in a Ray task (one worker) or a Ray Train worker (several)."""
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        shards: ShardSpec,
+        seed: int | None,
+        sink: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        local_rank: int = 0,
+        ray_train: bool = False,
+        run_dir: str | None = None,
+        resume: str | None = None,
+    ) -> None:
+        self.cfg, self.shards, self.seed, self.sink = cfg, shards, seed, sink
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.ray_train = ray_train
+        self.run_dir, self.resume = run_dir, resume
+        # Ray Train stores reported checkpoints itself; a task publishes them to run_dir.
+        self.checkpoint_every = cfg.checkpoint_every if (ray_train or run_dir) else 0
+        # Unseeded runs draw a data seed, so a resumed run replays the same data order.
+        self.data_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+        user = resolve_callable(cfg.collate_fn or cfg.loader_kwargs.collate_fn, "collate_fn")
+        self.user_collate = user
+        self._train_data: Batch | None = None
+        self._valid_data: Batch | None = None
+
+    def setup(self, device: torch.device) -> None:
+        import ray
+
+        from raytorch.cluster.sources import Download, arrow_collate
+        from raytorch.core.pytree import to_device
+        from raytorch.engine.arrow import tables_to_tensors
+        from raytorch.engine.tables import assemble
+
+        quiet_ray_data_here()  # a Ray worker: the change stays in its process
+        self.device = device
+        layout, as_dict = self.shards.layout, self.shards.as_dict
+        on_device = self.cfg.in_memory == "device"
+
+        def load(refs: Any, split: str) -> Batch | None:
+            if isinstance(refs, Download):  # download=True: read from this worker's local copy
+                refs = [ray.put(refs.read(self.rank, self.world_size))]
+            tables = [t for t in ray.get(refs) if t.num_rows]
+            if not tables:
+                return None
+            if self.user_collate is not None:
+                import pyarrow as pa
+
+                out = self.user_collate(pa.concat_tables(tables))
+                batch = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
+            else:
+                columns = tables_to_tensors(tables)
+                if self.cfg.check_finite:  # every source kind, not only driver-side tables
+                    check_finite(columns, f"rank {self.rank}'s {split} shard")
+                batch = assemble(columns, layout, as_dict)
+            return to_device(batch, device) if on_device else batch
+
+        if self.shards.streaming:
+            self.collate = arrow_collate(layout, as_dict, self.user_collate, self.cfg.check_finite)
+            if self.ray_train:
+                import ray.train
+
+                self.shards.train = ray.train.get_dataset_shard("train")
+        else:
+            self._train_data = load(self.shards.train, "training")
+        self._valid_data = load(self.shards.valid, "validation")
+
+    def train_batches(self, epoch: int) -> Iterable[Batch]:
+        opts = self.cfg.loader_kwargs
+        seed = None if self.data_seed is None else self.data_seed + self.rank
+        if self._train_data is not None:
+            return TensorBatches(
+                self._train_data, opts.batch_size, opts.shuffle, opts.drop_last, seed, epoch
+            )
+        buffer = self.cfg.prefetch_size if opts.shuffle and self.cfg.prefetch_size else None
+        return self.shards.train.iter_torch_batches(
+            batch_size=opts.batch_size,
+            prefetch_batches=self.cfg.prefetch_factor,
+            local_shuffle_buffer_size=buffer,
+            local_shuffle_seed=None if seed is None else seed * 1_000_003 + epoch,
+            drop_last=opts.drop_last,
+            collate_fn=self.collate,
+            pin_memory=opts.pin_memory and self.device.type == "cuda",
+        )
+
+    def valid_batches(self) -> Iterable[Batch]:
+        if self._valid_data is None:
+            return []
+        return TensorBatches(self._valid_data, self.cfg.loader_kwargs.batch_size)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        # NCCL reduces only CUDA tensors; gloo (CPU) takes them as they are.
+        work = tensor.to(self.device) if dist.get_backend() == "nccl" else tensor.clone()
+        dist.all_reduce(work)
+        return work.to(tensor.device)
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
+        if not self.ray_train:
+            if checkpoint_dir is not None and self.run_dir is not None:
+                from raytorch.engine.checkpoints import publish_checkpoint
+
+                publish_checkpoint(checkpoint_dir, self.run_dir, self.cfg.checkpoint_num_to_keep)
+            return
+        import ray.train
+
+        checkpoint = (
+            ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        )
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def restored_checkpoint(self) -> Path | None:
+        """Ray Train's checkpoint after a group restart, else the driver's ``resume``."""
+        if self.ray_train:
+            import ray.train
+
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is not None:  # only after a restart: fit() passes no checkpoint
+                self.restart_reason = "a worker was lost; Ray Train restarted the worker group"
+                return Path(checkpoint.to_directory())
+        if self.resume is None:
+            return None
+        from raytorch.engine.fs import download_dir, is_uri
+
+        if is_uri(self.resume):
+            return download_dir(self.resume, tempfile.mkdtemp(prefix="raytorch-resume-"))
+        return Path(self.resume)
+
+    def progress(self, line: str) -> None:
+        if self.sink is not None:
+            self.sink.put.remote(line)
+
+
+def _task_main(
+    model: Any,
+    cfg: TrainerConfig,
+    shards: ShardSpec,
+    seed: int | None,
+    sink: Any,
+    run_dir: str | None = None,
+    resume: str | None = None,
+    restart_reason: str | None = None,
+) -> LoopResult:
+    ctx = RayContext(cfg, shards, seed, sink, run_dir=run_dir, resume=resume)
+    ctx.restart_reason = restart_reason
+    return run_loop(model, cfg, ctx, seed)
+
+
+def _train_main(config: dict[str, Any]) -> LoopResult | None:
+    import ray.train
+
+    from raytorch.cluster.compat import quiet_ray_loggers
+
+    quiet_ray_loggers()  # Ray Train re-configured its loggers after the worker setup hook ran
+    tc = ray.train.get_context()
+    rank = tc.get_world_rank()
+    shards: ShardSpec = config["shards"][rank]
+    ctx = RayContext(
+        config["cfg"],
+        shards,
+        config["seed"],
+        config["sink"],
+        rank=rank,
+        world_size=tc.get_world_size(),
+        local_rank=tc.get_local_rank(),
+        ray_train=True,
+        resume=config.get("resume"),
+    )
+    result = run_loop(config["model"], config["cfg"], ctx, config["seed"])
+    return result if rank == 0 else None

@@ -1,0 +1,607 @@
+"""Training configuration: pydantic models that validate a whole config at once, before Ray work.
+
+``TrainerConfig`` carries every field of SuperDuperDB's ``TorchTrainer`` and of mlr3torch's
+learner parameters, either as a field or, where Ray replaces the concept, as a documented error
+that says what to use instead (see ``_REPLACED``). ``raytorch.trainer.TorchTrainer`` adds ``fit``
+and ``evaluate`` on top; a YAML dict validates through either with ``model_validate``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from raytorch.core.errors import ConfigError, ImportReferenceError
+from raytorch.core.references import import_reference
+from raytorch.core.resources import ComputeKwargs
+from raytorch.core.signature import SIGNATURES, Signature
+from raytorch.core.stopping import EarlyStopping, Mode, default_mode, unknown_mode_message
+
+# Built-in objectives by name, so a job file can say objective: cross_entropy.
+OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
+    "cross_entropy": torch.nn.functional.cross_entropy,
+    "mse": torch.nn.functional.mse_loss,
+    "l1": torch.nn.functional.l1_loss,
+    "smooth_l1": torch.nn.functional.smooth_l1_loss,
+    "bce_with_logits": torch.nn.functional.binary_cross_entropy_with_logits,
+    "nll": torch.nn.functional.nll_loss,
+}
+
+# Built-in objectives computed element by element: outputs and targets must have one shape, or
+# torch broadcasts them ([N, 1] against [N] gives [N, N]) into a loss that means nothing.
+ELEMENTWISE_OBJECTIVES = ("mse", "l1", "smooth_l1", "bce_with_logits")
+
+
+def objective_shape_problem(objective: Any, outputs: Any, targets: Any) -> str | None:
+    """Why a built-in element-wise objective cannot compare ``outputs`` and ``targets``, or None.
+
+    >>> import torch
+    >>> print(objective_shape_problem("mse", torch.zeros(4, 1), torch.zeros(4)))
+    ... # doctest: +ELLIPSIS
+    objective='mse': the model's outputs have shape (4, 1) but the targets (4,); ...
+    """
+    if objective not in ELEMENTWISE_OBJECTIVES:
+        return None
+    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return None
+    if outputs.shape == targets.shape:
+        return None
+    try:
+        broadcast = (
+            f"they would broadcast to {tuple(torch.broadcast_shapes(outputs.shape, targets.shape))}"
+        )
+    except RuntimeError:
+        broadcast = "they do not match"
+    fix = (
+        "return outputs.squeeze(-1) from the model's forward (or reshape the target column)"
+        if outputs.ndim == targets.ndim + 1 and outputs.shape[-1] == 1
+        else "make the model output one value per target element (same shape as the targets)"
+    )
+    return (
+        f"objective={objective!r}: the model's outputs have shape {tuple(outputs.shape)} but the "
+        f"targets {tuple(targets.shape)}; {broadcast} and the loss would mean nothing; {fix}"
+    )
+
+
+# Keys from SuperDuperDB, mlr3torch or torch's DataLoader that raytorch replaces: key -> the fix.
+_REPLACED = {
+    "select": "pass the training data to fit(model, train_data, valid_data) instead of a query",
+    "db": "pass the training data to fit(model, train_data, valid_data); there is no datalayer",
+    "measures": "use metric_values (both splits) or measures_train / measures_valid",
+    "batch_size": "put it in loader_kwargs: loader_kwargs={'batch_size': 64}",
+    "shuffle": "put it in loader_kwargs: loader_kwargs={'shuffle': True}",
+    "drop_last": "put it in loader_kwargs: loader_kwargs={'drop_last': True}",
+    "pin_memory": "put it in loader_kwargs: loader_kwargs={'pin_memory': True}",
+    "worker_init_fn": "put it in loader_kwargs: loader_kwargs={'worker_init_fn': ...}",
+    "num_workers": "put it in compute_kwargs: compute_kwargs={'num_workers': 2} (training workers)",
+    "num_cpus": "put it in compute_kwargs: compute_kwargs={'num_cpus': 1}",
+    "num_gpus": "put it in compute_kwargs: compute_kwargs={'num_gpus': 1}",
+    "device": "set it on the model: TorchModel(device='auto' | 'cpu' | 'cuda')",
+    "sampler": "not applicable: Ray Data shards and shuffles the rows (loader_kwargs.shuffle)",
+    "batch_sampler": "not applicable: Ray Data forms the batches (loader_kwargs.batch_size)",
+    "worker_globals": "not applicable: Ray pickles the functions you pass",
+    "worker_packages": "not applicable: use a Ray runtime_env to install packages on workers",
+}
+_LOADER_REPLACED = {
+    "sampler": _REPLACED["sampler"],
+    "batch_sampler": _REPLACED["batch_sampler"],
+    "prefetch_factor": "set TorchTrainer.prefetch_factor (batches Ray Data prefetches)",
+    "persistent_workers": "not applicable: Ray Data keeps its read tasks alive between epochs",
+    "worker_globals": _REPLACED["worker_globals"],
+    "worker_packages": _REPLACED["worker_packages"],
+}
+# Aliases accepted for the canonical field on the right (giving both is an error).
+_ALIASES = {"patience": "no_improve_then_stop", "tensor_dataset": "in_memory"}
+
+
+# Integer fields with a lower bound, and what to write instead (checked with the other rules).
+_POSITIVE = (
+    ("max_iterations", 1, "give the number of optimizer steps, or None to bound by epochs"),
+    ("epochs", 1, "give the number of passes over the data, or None to bound by max_iterations"),
+    ("validation_interval", 1, "give the iterations between validations"),
+    ("eval_freq", 1, "give the epochs between validations"),
+    (
+        "no_improve_then_stop",
+        0,
+        "give the validations to wait for an improvement (mlr3torch's patience); 0/None: never",
+    ),
+)
+
+
+def _close(name: str, choices: list[str]) -> str:
+    matches = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(repr(m) for m in matches)}? " if matches else ""
+
+
+def resolve_callable(
+    value: Any, field: str, builtins: Mapping[str, Callable[..., Any]] | None = None
+) -> Callable[..., Any] | None:
+    """A callable field's value: a callable, a built-in name, or an import reference 'pkg.mod:fn'.
+
+    Raises:
+        ConfigError: the string is neither a built-in name nor an importable reference, or the
+            object is not callable.
+    """
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str):
+        if builtins and value in builtins:
+            return builtins[value]
+        if ":" in value:
+            try:
+                found = import_reference(value, field=field)
+            except ImportReferenceError as exc:
+                raise ConfigError(str(exc)) from exc
+            if not callable(found):
+                raise ConfigError(
+                    f"{field}={value!r} names a {type(found).__name__}, not a callable"
+                )
+            return found
+        names = sorted(builtins) if builtins else []
+        choices = f"a built-in name ({', '.join(names)}) or " if names else ""
+        raise ConfigError(
+            f"{field}={value!r} is not a callable; {_close(value, names)}use {choices}"
+            "an import reference 'package.module:function'"
+        )
+    raise ConfigError(
+        f"{field}={value!r} is a {type(value).__name__}; pass a callable or a string reference"
+    )
+
+
+def resolve_objective(cfg: TrainerConfig) -> Callable[..., Any]:
+    """The objective of ``cfg`` as a callable (built-in name, reference or callable)."""
+    objective = resolve_callable(cfg.objective, "objective", OBJECTIVES)
+    if objective is None:
+        raise ConfigError("objective is None; give a loss function, e.g. objective='cross_entropy'")
+    return objective
+
+
+def kwargs_problem(cls: Any, kwargs: Mapping[str, Any], field: str) -> str | None:
+    """Why ``cls(<first argument>, **kwargs)`` would be refused, checked without calling it."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return None
+    names = [p for p in signature.parameters if p not in ("self", "params", "optimizer")]
+    try:
+        signature.bind(None, **kwargs)
+    except TypeError as exc:
+        unknown = [k for k in kwargs if k not in signature.parameters]
+        hints = [
+            f"{k!r} (did you mean {m[0]!r}?)" if m else repr(k)
+            for k in unknown
+            for m in [difflib.get_close_matches(k, names, n=1)]
+        ]
+        what = f"unknown {', '.join(hints)}" if hints else str(exc)
+        return (
+            f"{field}: {getattr(cls, '__name__', cls)} does not accept {what}; it takes "
+            f"{', '.join(names)}"
+        )
+    return None
+
+
+def resolve_optimizer(name: Any, field: str = "optimizer_cls") -> type[torch.optim.Optimizer]:
+    """The optimizer class for a torch.optim name ("AdamW") or an import reference.
+
+    Raises:
+        ConfigError: unknown name, listing close matches among torch.optim's optimizers.
+    """
+    if isinstance(name, type) and issubclass(name, torch.optim.Optimizer):
+        return name
+    if isinstance(name, str) and ":" in name:
+        found = resolve_callable(name, field)
+        if isinstance(found, type) and issubclass(found, torch.optim.Optimizer):
+            return found
+        raise ConfigError(f"{field}={name!r} is not a torch.optim.Optimizer subclass")
+    choices = sorted(
+        n
+        for n, obj in vars(torch.optim).items()
+        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and n != "Optimizer"
+    )
+    if isinstance(name, str) and name in choices:
+        return getattr(torch.optim, name)
+    hint = _close(str(name), choices)
+    raise ConfigError(
+        f"{field}={name!r} is not an optimizer in torch.optim; {hint}choose one of "
+        f"{', '.join(choices)}, or give an import reference 'package.module:Class'"
+    )
+
+
+class LoaderOptions(BaseModel):
+    """DataLoader-style options (the seed's ``loader_kwargs``; mlr3torch's dataloader parameters).
+
+    ``collate_fn`` receives the Ray Data batch as a ``pyarrow.Table`` of the selected columns and
+    returns ``(inputs, targets)`` (or just the inputs when ``key`` names no targets), instead of a
+    list of items. ``num_workers`` and ``timeout`` are accepted and not applicable: Ray Data reads
+    and prefetches in parallel (see ``prefetch_factor``). ``sampler``/``batch_sampler`` are errors.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    batch_size: int = Field(64, ge=1, description="rows per training and validation batch")
+    shuffle: bool = Field(True, description="shuffle training rows each epoch (seeded)")
+    drop_last: bool = Field(False, description="drop each epoch's last incomplete train batch")
+    pin_memory: bool = Field(False, description="pin host memory before copying to CUDA")
+    num_workers: int = Field(0, ge=0, description="not applicable: Ray Data parallelises reading")
+    timeout: float = Field(-1, description="not applicable: Ray Data has no per-batch timeout")
+    worker_init_fn: Any = Field(
+        None, description="called as fn(rank) on each worker after seeding, before data loading"
+    )
+    collate_fn: Any = Field(None, description="pyarrow.Table -> (inputs, targets); see above")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            bad = [f"loader_kwargs.{k}: {fix}" for k, fix in _LOADER_REPLACED.items() if k in data]
+            if bad:
+                raise ValueError("; ".join(bad))
+        return data
+
+
+class TrainerConfig(BaseModel):
+    """How to train a TorchModel on Ray (SuperDuperDB's TorchTrainer, mlr3torch's parameters).
+
+    Data convention (``key``): ``key=("x", "y")`` means the input column(s), then the target
+    column. The model's train forward gets the inputs (per ``model.train_forward_signature``), the
+    objective gets ``(outputs, targets)``. ``key=(["a", "b"], "y")`` feeds several input columns
+    (a tuple for ``'*args'``, a dict for ``'**kwargs'`` signatures). A single column name
+    (``key="x"``) is self-supervised: ``objective(outputs, inputs)``.
+
+    ``transform`` runs per row inside Ray Data (``Dataset.map``), called per ``signature`` with the
+    selected values in key order (``'*args'``: ``transform(x, y)``; ``'**kwargs'``:
+    ``transform(x=..., y=...)``; ``'singleton'``: ``transform({'x': ..., 'y': ...})``); it returns
+    the values in the same order (a tuple, or a dict by column name).
+
+    mlr3torch's parameters map as: ``epochs``, ``num_threads``, ``num_interop_threads``, ``seed``,
+    ``min_delta``, ``eval_freq``, ``measures_train``/``measures_valid`` and ``validate`` are fields;
+    ``patience`` is an alias of ``no_improve_then_stop`` and ``tensor_dataset`` of ``in_memory``;
+    ``device`` lives on the model (``TorchModel.device``, ``"auto"`` = ``preferred_devices``);
+    ``batch_size``, ``shuffle``, ``drop_last``, ``pin_memory``, ``collate_fn``, ``num_workers``,
+    ``timeout``, ``worker_init_fn`` go in ``loader_kwargs``; ``sampler``/``batch_sampler`` are not
+    applicable with Ray Data (an error says so). superduper's ``select``/``db`` are replaced by the
+    data arguments of ``fit``; its ``uuid``/``artifacts`` belong to its datalayer and do not exist.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, populate_by_name=True)
+
+    identifier: str = Field(description="name of the training run (prefix of run_name)")
+    key: Any = Field(description="('x', 'y'): inputs then targets; 'x': self-supervised")
+    objective: Any = Field(
+        description="loss fn(outputs, targets): a callable, a built-in name "
+        f"({', '.join(OBJECTIVES)}) or 'package.module:function'"
+    )
+    transform: Any = Field(None, description="per-row fn applied in Ray Data, see `signature`")
+    signature: Signature = Field("*args", description="how transform gets the selected values")
+    metric_values: Any = Field(
+        None, description="metrics for both splits: {'accuracy': 'accuracy'} or names or callables"
+    )
+    measures_train: Any = Field(
+        None,
+        description="train-split metrics besides the objective (default: none, so a step costs "
+        "no device sync; e.g. ['accuracy'] adds train/accuracy)",
+    )
+    measures_valid: Any = Field(None, description="valid-split metrics (default: metric_values)")
+    validate_fraction: float | None = Field(
+        None,
+        alias="validate",
+        gt=0,
+        lt=1,
+        description="hold out this fraction of train_data when valid_data is None (seeded)",
+    )
+    # Data pipeline.
+    data_prefetch: bool = Field(
+        False, description="stream each worker's shard through Ray Data with prefetching"
+    )
+    prefetch_size: int = Field(
+        1000, ge=0, description="rows in the local shuffle buffer when streaming (0: no buffer)"
+    )
+    # 4, not the seed's 100: Ray prefetches whole blocks already, more batches only cost memory.
+    prefetch_factor: int = Field(4, ge=0, description="batches Ray Data prepares ahead")
+    in_memory: bool | Literal["device"] | None = Field(
+        None,
+        description="materialise each shard as tensors once (fast path); 'device' keeps them on "
+        "the training device; None: not data_prefetch",
+    )
+    download: bool = Field(
+        False, description="copy object-storage input to each worker's local disk once first"
+    )
+    loader_kwargs: LoaderOptions = Field(default_factory=LoaderOptions)  # type: ignore[arg-type]
+    collate_fn: Any = Field(None, description="same as loader_kwargs.collate_fn (give one)")
+    compute_kwargs: ComputeKwargs = Field(default_factory=ComputeKwargs)  # type: ignore[arg-type]
+    # Loop bounds and validation schedule.
+    max_iterations: int | None = Field(
+        None, description="optimizer steps; training stops exactly here"
+    )
+    epochs: int | None = Field(None, description="passes over the training data")
+    validation_interval: int | None = Field(
+        None, description="validate every N iterations (default 100 unless eval_freq)"
+    )
+    eval_freq: int | None = Field(None, description="validate every N epochs instead")
+    # Early stopping.
+    listen: str = Field("objective", description="metric watched: 'objective', 'valid/accuracy'")
+    mode: Literal["min", "max"] | None = Field(None, description="None: from the metric")
+    no_improve_then_stop: int | None = Field(
+        5, description="validations without improvement before stopping; 0/None: never"
+    )
+    min_delta: float = Field(0.0, ge=0, description="an improvement must beat the best by this")
+    stop_threshold: float | None = Field(None, description="stop once the metric reaches this")
+    divergence_threshold: float | None = Field(None, description="stop once it is worse than this")
+    check_finite: bool = Field(True, description="stop when the metric or the loss is not finite")
+    restore_best: bool = Field(True, description="return the best weights, not the last")
+    # Optimisation.
+    optimizer_cls: Any = Field("Adam", description="torch.optim name or 'package.module:Class'")
+    optimizer_kwargs: dict[str, Any] = Field(default_factory=dict)
+    optimizer_state: dict[str, Any] | None = Field(
+        None, description="optimizer state_dict to resume from (else model.optimizer_state)"
+    )
+    seed: int | Literal["random"] | None = Field(
+        "random", description="int; 'random' (drawn once, recorded in the result); None: no seeding"
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker")
+    num_interop_threads: int | None = Field(None, ge=1, description="torch inter-op threads")
+    # Run directory and fault tolerance.
+    storage_path: str = Field("runs/", description="where run directories are written")
+    run_name: str | None = Field(None, description="default '<identifier>-<UTC time>-<random>'")
+    max_failures: int = Field(
+        0,
+        ge=0,
+        description="restarts after a worker dies, from the last checkpoint (Ray Train's "
+        "FailureConfig for several workers, a driver retry of the task for one)",
+    )
+    checkpoint_num_to_keep: int | None = Field(
+        2, ge=1, description="resume checkpoints kept in the run directory (None: all)"
+    )
+    checkpoint_every: int = Field(
+        1, ge=0, description="save a resume checkpoint every N validations (0: never)"
+    )
+    if_finished: Literal["return", "new_run"] = Field(
+        "return",
+        description="when run_name names a run that already finished: 'return' its result "
+        "(its files are never modified), or 'new_run': train again in a new run directory",
+    )
+    resume_from: str | None = Field(
+        None,
+        description="a run directory (its latest checkpoint) or a checkpoint to resume from; "
+        "re-running with the same run_name and storage_path resumes too",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases_and_replaced(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        problems = [f"{k}: {fix}" for k, fix in _REPLACED.items() if k in data]
+        for alias, canonical in _ALIASES.items():
+            if alias in data:
+                if canonical in data:
+                    problems.append(
+                        f"{alias}={data[alias]!r} and {canonical}={data[canonical]!r} are the same "
+                        f"setting; give only {canonical}"
+                    )
+                else:
+                    data[canonical] = data.pop(alias)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainerConfig:
+        problems: list[str] = []
+        for name, low, what in _POSITIVE:
+            value = getattr(self, name)
+            if value is not None and value < low:
+                problems.append(f"{name}={value} must be >= {low}; {what}")
+        try:
+            self.layout()
+        except ConfigError as exc:
+            problems.append(str(exc))
+        for field, builtins in (("objective", OBJECTIVES), ("transform", None)):
+            try:
+                resolve_callable(getattr(self, field), field, builtins)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        for field in ("worker_init_fn", "collate_fn"):
+            try:
+                resolve_callable(getattr(self.loader_kwargs, field), f"loader_kwargs.{field}")
+            except ConfigError as exc:
+                problems.append(str(exc))
+        try:
+            resolve_callable(self.collate_fn, "collate_fn")
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if self.collate_fn is not None and self.loader_kwargs.collate_fn is not None:
+            problems.append(
+                "collate_fn and loader_kwargs.collate_fn are both set; give only one of them"
+            )
+        try:
+            problem = kwargs_problem(
+                resolve_optimizer(self.optimizer_cls), self.optimizer_kwargs, "optimizer_kwargs"
+            )
+            if problem:
+                problems.append(problem)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if self.data_prefetch and self.in_memory:
+            problems.append(
+                f"data_prefetch=True and in_memory={self.in_memory!r} are both set: streaming and "
+                "materialising exclude each other; set data_prefetch=False (in memory, fast) or "
+                "in_memory=False (streamed, for data larger than memory)"
+            )
+        if self.download and self.streaming:
+            problems.append(
+                "download=True copies the data to each worker's disk and reads it in memory, so it "
+                "needs data_prefetch=False; with data_prefetch=True Ray Data streams the object "
+                "storage directly (set download=False)"
+            )
+        if self.max_iterations is None and self.epochs is None:
+            problems.append(
+                "neither max_iterations nor epochs is set, so training would never end; set "
+                "max_iterations=N (optimizer steps) and/or epochs=N"
+            )
+        if self.eval_freq is not None and self.validation_interval is not None:
+            problems.append(
+                f"validation_interval={self.validation_interval} (iterations) and "
+                f"eval_freq={self.eval_freq} (epochs) exclude each other; give only one"
+            )
+        problems += self._metric_problems()
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _metric_problems(self) -> list[str]:
+        problems: list[str] = []
+        names: dict[str, dict[str, bool]] = {}
+        for split, field in (("train", "measures_train"), ("valid", "measures_valid")):
+            try:
+                metrics = self.metrics(split)
+            except (ValueError, TypeError) as exc:
+                problems.append(
+                    f"{field if getattr(self, field) is not None else 'metric_values'}: {exc}"
+                )
+                continue
+            names[split] = {m.name: m.higher_is_better for m in metrics}
+        if problems:
+            return problems
+        split, _, name = self.listen.rpartition("/")
+        split = split or "valid"
+        if split not in names or name not in names[split]:
+            available = [f"{s}/{n}" for s, ns in names.items() for n in ns]
+            problems.append(
+                f"listen={self.listen!r} is not a computed metric; {_close(self.listen, available)}"
+                f"choose one of {available} or add it to metric_values"
+            )
+            return problems
+        if self.no_improve_then_stop is not None and self.no_improve_then_stop < 0:
+            return problems  # already reported with its fix
+        try:
+            self.stopping()
+        except ValueError as exc:
+            problems.append(str(exc).split("\n", 1)[-1])
+        return problems
+
+    # Derived values used by the loop, the launcher and the trainer.
+
+    def metrics(self, split: str) -> list[Any]:
+        """Resolved metrics of ``split`` ('train' or 'valid'), 'objective' always first.
+
+        ``valid`` defaults to ``metric_values``; ``train`` to the objective alone (mlr3torch's
+        ``measures_train`` is empty by default too).
+        """
+        from raytorch.core.metrics import resolve_metrics
+
+        spec = getattr(self, f"measures_{split}")
+        if spec is None and split == "valid":
+            spec = self.metric_values
+        return resolve_metrics(_resolve_metric_refs(spec))
+
+    def stopping(self) -> EarlyStopping:
+        """The early-stopping rules, with the mode of the listened metric when not given."""
+        split, _, name = self.listen.rpartition("/")
+        split = split or "valid"
+        mode = self.mode
+        if mode is None:
+            by_name = {m.name: m for m in self.metrics(split)}
+            metric = by_name.get(name)
+            higher = getattr(metric, "higher_is_better", None)
+            found = default_mode(f"{split}/{name}", higher)
+            if found is None:
+                raise ConfigError(unknown_mode_message(f"{split}/{name}"))
+            mode = found.value
+        return EarlyStopping(
+            listen=f"{split}/{name}",
+            mode=Mode(mode),
+            patience=self.no_improve_then_stop,
+            min_delta=self.min_delta,
+            threshold=self.stop_threshold,
+            divergence_threshold=self.divergence_threshold,
+            check_finite=self.check_finite,
+        )
+
+    def layout(self) -> Layout:
+        """The column layout that ``key`` describes."""
+        return Layout.from_key(self.key)
+
+    @property
+    def streaming(self) -> bool:
+        """True when shards are streamed through Ray Data (not materialised as tensors)."""
+        if self.in_memory is None:
+            return self.data_prefetch
+        return not self.in_memory
+
+    @property
+    def interval(self) -> int:
+        """Validation interval in iterations (0 when validation is per ``eval_freq`` epochs)."""
+        if self.eval_freq is not None:
+            return 0
+        return self.validation_interval or 100
+
+    @property
+    def batch_size(self) -> int:
+        return self.loader_kwargs.batch_size
+
+
+def _resolve_metric_refs(spec: Any) -> Any:
+    """Turn 'package.module:fn' strings inside a metric spec into callables (names stay names)."""
+
+    def one(value: Any, where: str) -> Any:
+        if isinstance(value, str) and ":" in value:
+            return resolve_callable(value, where)
+        return value
+
+    if isinstance(spec, Mapping):
+        return {k: one(v, f"metric_values.{k}") for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return [one(v, f"metric_values[{i}]") for i, v in enumerate(spec)]
+    return one(spec, "metric_values")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which columns are inputs and which is the target; pure and picklable.
+
+    ``inputs`` lists the input columns; ``multi`` is True when the key named a list of them (so
+    the forward gets a tuple or dict even for one column); ``target`` is None when self-supervised.
+    """
+
+    inputs: tuple[str, ...]
+    target: str | None
+    multi: bool = False
+
+    @classmethod
+    def from_key(cls, key: Any) -> Layout:
+        """Parse ``key``: ``'x'``, ``('x', 'y')``, ``(['a', 'b'], 'y')`` (lists from YAML too)."""
+        fix = "use 'x' (self-supervised), ('x', 'y') or (['a', 'b'], 'y')"
+        if isinstance(key, str) and key:
+            return cls((key,), None)
+        if not isinstance(key, (list, tuple)) or len(key) != 2:
+            raise ConfigError(f"key={key!r} is not a key; {fix}")
+        inputs, target = key
+        if isinstance(inputs, str):
+            cols, multi = (inputs,), False
+        elif (
+            isinstance(inputs, (list, tuple)) and inputs and all(isinstance(c, str) for c in inputs)
+        ):
+            cols, multi = tuple(inputs), True
+        else:
+            raise ConfigError(f"key={key!r}: the inputs {inputs!r} are not column names; {fix}")
+        if target is not None and not isinstance(target, str):
+            raise ConfigError(f"key={key!r}: the target {target!r} is not a column name; {fix}")
+        if target is not None and target in cols:
+            raise ConfigError(f"key={key!r}: column {target!r} is both an input and the target")
+        return cls(cols, target, multi)
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column read from the data, inputs first."""
+        return [*self.inputs, *([self.target] if self.target else [])]
+
+
+SIGNATURE_CHOICES = SIGNATURES

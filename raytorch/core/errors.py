@@ -1,0 +1,174 @@
+"""raytorch's exceptions: one tree with two branches.
+
+- :class:`UserError`: what was given is wrong (a config, data, a job or model file, a resource
+  request). The message says what, where and what to do; the ``raytorch`` command prints it alone
+  and exits 2. Fix the input and run again.
+- :class:`RunError`: a run that started failed on its way (a worker's step raised, counts of
+  written rows did not add up). The command exits 1.
+
+Each class also derives from the builtin exception it replaced (``ValueError``, ``KeyError``, ...),
+so ``except ValueError`` in existing code keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class RaytorchError(Exception):
+    """Base of every exception raytorch raises on purpose."""
+
+
+class UserError(RaytorchError):
+    """Bad input: a config, data, job file, model file or request to fix (exit 2)."""
+
+
+class RunError(RaytorchError):
+    """A run failed after it started (exit 1)."""
+
+
+# -- user errors
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem found before any Ray work (all problems, one per line)."""
+
+
+class ImportReferenceError(ConfigError):
+    """A "module:attribute" reference that cannot be imported, or names what its field forbids."""
+
+
+class SignatureError(UserError, TypeError):
+    """A value does not have the shape its signature asks for."""
+
+
+class BatchError(UserError, ValueError):
+    """Data points that cannot be batched together (or a batch that cannot be unpacked)."""
+
+
+class DeviceError(UserError, RuntimeError):
+    """None of the requested devices can be used here."""
+
+
+class DataError(UserError, ValueError):
+    """A data source that cannot be used, with what to do about it."""
+
+
+class ColumnError(UserError, KeyError):
+    """A column named by ``key``, ``id_column`` or ``carry_columns`` is not in the input."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class RowError(DataError):
+    """A row failed preprocessing with ``strict=True``, or its id is null or duplicated."""
+
+
+class OutputError(UserError, ValueError):
+    """Model outputs that cannot be written as Arrow columns."""
+
+
+class ModelError(UserError, RuntimeError):
+    """A TorchModel cannot do what was asked (no trainer, an item that fails to predict, ...)."""
+
+
+class PredictError(ModelError):
+    """One item of ``predict_batches`` failed; the message names its index and stage."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A state file or directory that is missing, half-written, foreign, or cannot be written."""
+
+
+class ResourceError(UserError, RuntimeError):
+    """A resource request that the cluster can never satisfy."""
+
+
+class PoolError(UserError, ValueError):
+    """An actor-pool request that would starve the pipeline or can never run."""
+
+
+class JobMismatchError(UserError, RuntimeError):
+    """An output directory holds parts of a different job."""
+
+
+class UploadError(UserError, ValueError):
+    """A working directory that cannot be shipped with a job."""
+
+
+class RayConnectionError(UserError, RuntimeError):
+    """The Ray named by an address (or recorded on this machine) cannot be reached."""
+
+
+class JobFileError(UserError, ValueError):
+    """A job file with one or more problems; the message lists every one with its path."""
+
+    def __init__(self, source: str, problems: Sequence[str]):
+        self.source = source
+        self.problems = list(problems)
+        count = f"{len(self.problems)} problem" + ("s" if len(self.problems) != 1 else "")
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source}: {count}:\n{lines}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.source, self.problems))
+
+
+# -- run failures
+
+
+class TrainingError(RunError, RuntimeError):
+    """A worker's set-up, step or validation failed; the message names rank, phase and iteration.
+
+    The original exception is the ``__cause__``, also after Ray ships this error to the driver
+    (pickling drops ``__cause__``, so it travels as an argument).
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        if cause is not None:
+            self.__cause__ = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.cause))
+
+
+class ReconciliationError(RunError, RuntimeError):
+    """Rows read and rows written (plus rejected) do not add up."""
+
+
+def same_kind(exc: UserError, message: str) -> UserError:
+    """A user error of ``exc``'s class with ``message`` (e.g. the rank and phase added), chained
+    to ``exc``; a plain :class:`UserError` when that class takes other arguments."""
+    try:
+        new = type(exc)(message)
+    except TypeError:
+        new = UserError(message)
+    new.__cause__ = exc
+    return new
+
+
+def find_raytorch_error(exc: BaseException) -> RaytorchError | None:
+    """The first raytorch error in ``exc`` or what it wraps, walking causes (never text).
+
+    Ray wraps a worker's exception (``RayTaskError``, Ray Data's ``UserCodeException``, Ray
+    Train's ``WorkerGroupError`` with ``worker_failures``); their ``cause``, ``__cause__``,
+    ``__context__`` and ``worker_failures`` lead back to what the worker raised.
+    """
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, RaytorchError):
+            return err
+        failures = getattr(err, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo += list(failures.values())
+        todo += [getattr(err, "cause", None), err.__cause__, err.__context__]
+    return None

@@ -1,0 +1,189 @@
+"""Local paths and object-storage URIs through ``pyarrow.fs``, and atomic writes.
+
+One owner for "where does this path live" (``resolve``, ``is_uri``, ``join``) and for writes that
+never leave something that looks complete but is not (``atomic_dir``, ``atomic_write``): files and
+directories are written under a hidden temporary name in the same parent, fsynced, then renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from raytorch.core.errors import CheckpointError
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (a rename is durable only once its directory is synced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories; rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _temp_sibling(target: Path, tag: str) -> Path:
+    # Hidden and unique, so a reader listing the parent never mistakes it for the real thing.
+    return target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def leftovers(path: str | os.PathLike[str]) -> list[Path]:
+    """Temporary siblings an interrupted :func:`atomic_dir` or :func:`save_state` left behind."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    return sorted(target.parent.glob(f".{target.name}.*-*"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``path`` only if the block succeeds.
+
+    The temporary directory lives in the same parent (so the final rename is atomic), its files are
+    fsynced before the rename, and it is removed if the block raises. An existing ``path`` is
+    moved aside, replaced, then deleted: a crash in between leaves the old copy intact under a
+    hidden ``.<name>.old-*`` name (listed by :func:`leftovers`).
+
+    Raises:
+        CheckpointError: ``path`` exists and is not a directory.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} exists and is not a directory; choose another path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(target, "tmp")
+    tmp.mkdir()  # plain mkdir honours the umask (mkdtemp would make it private, 0o700)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    # os.replace cannot replace a non-empty directory, so the old one is moved aside first.
+    old = None
+    if target.exists():
+        old = _temp_sibling(target, "old")
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(file)`` on a temporary sibling of ``path``, fsync it, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, "tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def is_uri(path: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://...`` paths (object storage, ``file://``), False for local paths."""
+    return "://" in os.fspath(path)
+
+
+def join(base: str | os.PathLike[str], *parts: str) -> str:
+    """``base/part/...`` for a local path or a URI (``Path`` would collapse a URI's ``//``)."""
+    out = os.fspath(base).rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def resolve(path: str | os.PathLike[str]) -> tuple[Any, str]:
+    """A ``pyarrow.fs`` filesystem and a path for a local path or a URI (``s3://``, ``file://``)."""
+    from pyarrow import fs
+
+    text = os.fspath(path)
+    if is_uri(text):
+        return fs.FileSystem.from_uri(text)
+    return fs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+def upload_dir(local: str | os.PathLike[str], target: str, last: str | None = None) -> None:
+    """Copy a local directory's files to ``target`` (a URI or local path), ``last`` copied last.
+
+    Raises:
+        CheckpointError: the copy failed (naming the target).
+    """
+    from pyarrow import fs
+
+    filesystem, root = resolve(target)
+    local_fs = fs.LocalFileSystem()
+    files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == last)  # stable: the marker after everything else
+    try:
+        filesystem.create_dir(root, recursive=True)
+        for file in files:
+            dest = f"{root}/{file.relative_to(local).as_posix()}"
+            filesystem.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+            fs.copy_files(
+                str(file), dest, source_filesystem=local_fs, destination_filesystem=filesystem
+            )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"could not copy {local} to {target}: {exc}") from exc
+
+
+def download_dir(source: str, local: str | os.PathLike[str]) -> Path:
+    """Copy the directory ``source`` (a URI) to the local directory ``local``; return it."""
+    from pyarrow import fs
+
+    filesystem, root = resolve(source)
+    Path(local).mkdir(parents=True, exist_ok=True)
+    try:
+        fs.copy_files(
+            root,
+            str(local),
+            source_filesystem=filesystem,
+            destination_filesystem=fs.LocalFileSystem(),
+        )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"could not copy {source} to {local}: {exc}") from exc
+    return Path(local)
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes | None:
+    """The bytes of a file (a local path or a URI), or None when there is no file there."""
+    from pyarrow import fs
+
+    filesystem, root = resolve(path)
+    if filesystem.get_file_info(root).type != fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(root) as f:
+        return bytes(f.read())

@@ -1,0 +1,260 @@
+"""The ``raytorch`` command: run, check and submit job files.
+
+Heavy imports (torch, Ray) happen inside the commands, so ``raytorch --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from raytorch.core.errors import RunError, find_raytorch_error
+from raytorch.core.progress import echo as _echo
+from raytorch.core.progress import show_progress
+from raytorch.jobs.submit import DEFAULT_EXCLUDES, DEFAULT_MAX_UPLOAD_MIB, _submit
+
+_EPILOG = """\
+examples:
+  raytorch train jobs/train_digits.yaml
+  raytorch train jobs/train_digits.yaml trainer.max_iterations=100 data.rows=500
+  raytorch predict jobs/predict_parquet.yaml data.rows=100000
+  raytorch check jobs/train_digits.yaml --address auto
+  raytorch submit jobs/train_digits.yaml --address http://127.0.0.1:8265
+
+Without --address (and without RAY_ADDRESS) jobs run on a local Ray started on demand.
+Overrides are dotted.key=value; values are YAML (1e-3 is a float, [64, 10] a list, null None).
+"""
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps descriptions; keeps the examples sections line by line."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+_ADDRESS_HELP = (
+    "Ray to use: 'auto', ray://host:10001 or host:6379 (default: RAY_ADDRESS, else local)"
+)
+
+# name -> (help, description, examples): one subcommand each, all taking JOB [KEY=VALUE ...].
+_SUBCOMMANDS = {
+    "train": (
+        "train a model described by a job file",
+        "Fit the job's model on its data. Writes a run directory (resolved job.yaml, history.csv, "
+        "learning_curve.png, checkpoints/best and last, result.json) and prints a summary.",
+        "  raytorch train jobs/train_digits.yaml\n"
+        "  raytorch train jobs/train_digits.yaml trainer.max_iterations=100 data.train.rows=500\n",
+    ),
+    "predict": (
+        "run batch inference described by a job file",
+        "Predict over the job's data with Ray Data; writes parquet predictions, rejected rows and "
+        "summary.json into a run directory and prints progress (rows done, rows/s, ETA).",
+        "  raytorch predict jobs/predict_parquet.yaml data.rows=100000\n"
+        "  raytorch predict jobs/predict_parquet.yaml model.path=runs/digits-.../model\n",
+    ),
+    "check": (
+        "validate a job file and the cluster's resources; run nothing",
+        "Validate the job file (every problem at once, with its path in the file), import what it "
+        "names, and check its compute_kwargs against the cluster at --address, or against this "
+        "machine when no address is given (no Ray is started then).",
+        "  raytorch check jobs/train_digits.yaml\n"
+        "  raytorch check jobs/train_digits.yaml --address auto trainer.compute_kwargs.num_gpus=1",
+    ),
+    "submit": (
+        "submit a job file to a Ray cluster through Ray Jobs",
+        "Validate the job file here, then submit `raytorch <kind> JOB KEY=VALUE...` to the "
+        "cluster's job server with the working directory shipped as the job's runtime_env "
+        f"(excluding {', '.join(DEFAULT_EXCLUDES)} and .gitignore entries). Follows the "
+        "job's logs until it ends and exits with its status (0 succeeded, 1 failed or stopped).",
+        "  ray dashboard cluster.yaml &      # forwards the head's dashboard to localhost:8265\n"
+        "  raytorch submit jobs/train_digits.yaml --address http://127.0.0.1:8265\n"
+        "  raytorch submit jobs/predict_parquet.yaml data.rows=100000 --no-wait\n",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``raytorch`` command (one subcommand per action)."""
+    from raytorch import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="raytorch",
+        description="Run PyTorch training and batch inference described by YAML job files on Ray.",
+        epilog=_EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"raytorch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, description, examples) in _SUBCOMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            epilog="examples:\n" + examples,
+            formatter_class=_Formatter,
+        )
+        p.add_argument("job", metavar="JOB", help="the job file (YAML)")
+        p.add_argument(
+            "overrides",
+            metavar="KEY=VALUE",
+            nargs="*",
+            help="override a value of the job file, e.g. trainer.max_iterations=100",
+        )
+        p.add_argument(
+            "--debug",
+            action="store_true",
+            help="show tracebacks and Ray's own log lines (raytorch logger at DEBUG)",
+        )
+        if name != "submit":
+            p.add_argument("--address", help=_ADDRESS_HELP)
+    _add_submit_options(sub.choices["submit"])
+    return parser
+
+
+def _add_submit_options(submit: argparse.ArgumentParser) -> None:
+    submit.add_argument(
+        "--address",
+        help="the job server (dashboard) URL, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)",
+    )
+    submit.add_argument(
+        "--working-dir",
+        default=".",
+        help="directory shipped to the cluster; the job file must be inside it (default: .)",
+    )
+    submit.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also leave out files matching PATTERN (gitignore syntax); repeatable",
+    )
+    submit.add_argument(
+        "--max-upload-mib",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_MIB,
+        help=f"refuse to upload more than this (default: {DEFAULT_MAX_UPLOAD_MIB:g})",
+    )
+    submit.add_argument("--submission-id", help="the job's id (default: raytorch-<name>-<time>)")
+    submit.add_argument(
+        "--no-wait", action="store_true", help="print the job id and return without following logs"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``raytorch`` command; returns the exit status.
+
+    Exit codes: 0 ok; 1 the run failed (:class:`~raytorch.core.errors.RunError`, or a job that
+    did not complete); 2 a problem with what was given (:class:`~raytorch.core.errors.UserError`:
+    config, data, job file, request), printed as one paragraph without a traceback.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options ("JOB --address x a.b=1"); argparse leaves those in `extra`.
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
+    show_progress()
+    if args.debug:
+        logging.getLogger("raytorch").setLevel(logging.DEBUG)
+    try:
+        return int(_COMMANDS[args.command](args))
+    except KeyboardInterrupt:
+        print(f"raytorch {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        found: BaseException | None = find_raytorch_error(exc)
+        if found is None and _is_validation_error(exc):
+            found = exc  # pydantic's config errors (a model or trainer built in job code)
+        if found is None or args.debug:
+            raise
+        # The message says what, where and what to do; a traceback (and Ray's wrapping of a
+        # worker's error) would bury it.
+        print(f"raytorch {args.command}: error: {found}", file=sys.stderr)
+        return 1 if isinstance(found, RunError) else 2
+
+
+def _is_validation_error(exc: BaseException) -> bool:
+    from pydantic import ValidationError
+
+    return isinstance(exc, ValidationError)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from raytorch.jobs.files import load_job
+    from raytorch.jobs.run import run_train
+
+    job = load_job(args.job, args.overrides, kind="train")
+    result = run_train(job, address=args.address, echo=_echo)  # type: ignore[arg-type]
+    if str(getattr(result, "status", "completed")) != "completed":
+        print(
+            f"raytorch train: the run ended {result.status}: {result.stop_message}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from raytorch.jobs.files import load_job
+    from raytorch.jobs.run import run_predict
+
+    job = load_job(args.job, args.overrides, kind="predict")
+    run_predict(job, address=args.address, echo=_echo)  # type: ignore[arg-type]
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from raytorch.core.errors import JobFileError
+    from raytorch.jobs.files import load_job
+    from raytorch.jobs.run import check_resources, describe, local_nodes, path_problems
+
+    job = load_job(args.job, args.overrides)
+    missing = path_problems(job)
+    if missing:  # the job cannot start: as much a problem of the job file as a typo
+        raise JobFileError(str(args.job), missing)
+    for line in describe(job):
+        _echo(line)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        from raytorch.cluster.session import cluster_nodes, ensure_ray
+
+        ensure_ray(address)
+        nodes, where = cluster_nodes(), f"the cluster at {address}"
+    else:
+        nodes, where = local_nodes(), "this machine (local Ray)"
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for name in ("CPU", "GPU"):
+            totals[name] = totals.get(name, 0.0) + node.get(name, 0.0)
+    _echo(f"  resources of {where}: {len(nodes)} node(s), " + _resources_text(totals))
+    problems, notes = check_resources(job, nodes)
+    for note in notes:
+        _echo(f"  note: {note}")
+    if problems:
+        print(f"{args.job}: cannot run on {where}:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    _echo(f"{args.job}: ok")
+    return 0
+
+
+def _resources_text(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in resources.items())
+
+
+_COMMANDS = {"train": _train, "predict": _predict, "check": _check, "submit": _submit}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

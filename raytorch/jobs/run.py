@@ -1,0 +1,358 @@
+"""Running job files: build the model and data they name, then train or predict on Ray."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import secrets
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raytorch.core.references import import_checked
+from raytorch.jobs.files import Echo, Job, ModelSpec, PredictJob, TrainJob, python_path
+
+
+def ship_job_modules(job: Job) -> list[str]:
+    """Pickle the modules loaded from the job's directories by value, so workers need no copy.
+
+    Returns the names of the modules registered.
+    """
+    # Ray serialises tasks, actors and their arguments with its own copy of cloudpickle.
+    from ray import cloudpickle
+
+    roots = [(job._base_dir / entry).resolve() for entry in job.python_path]
+    shipped = []
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if not file or name.split(".")[0] in ("raytorch", "__main__") or "site-packages" in file:
+            continue
+        if any(Path(file).resolve().is_relative_to(root) for root in roots):
+            try:
+                cloudpickle.register_pickle_by_value(module)
+            except ValueError:
+                continue  # a submodule whose package is registered already
+            shipped.append(name)
+    return sorted(shipped)
+
+
+def worker_runtime_env(job: Job) -> dict[str, Any]:
+    """Runtime env for a Ray that raytorch starts: the job's directories on workers' PYTHONPATH."""
+    entries = [str((job._base_dir / e).resolve()) for e in job.python_path]
+    if os.environ.get("PYTHONPATH"):
+        entries.append(os.environ["PYTHONPATH"])
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(entries)}}
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(spec: ModelSpec, default_identifier: str) -> Any:
+    """The TorchModel a ModelSpec describes (loaded from ``path`` or built from ``class``).
+
+    Raises:
+        TypeError: ``class`` returned something that is neither a TorchModel nor a torch module.
+    """
+    import torch
+
+    from raytorch.engine.model import TorchModel
+
+    if spec.path is not None:
+        return TorchModel.load(spec.path, map_location="cpu")
+    assert spec.class_ is not None
+    target = import_checked(spec.class_, "model.class")
+    if spec.seed is not None:
+        torch.manual_seed(spec.seed)
+    identifier = spec.identifier or default_identifier
+    if isinstance(target, type) and getattr(target, "__wrapped__", None) is not None:
+        return target(identifier, *spec.args, **spec.kwargs)  # a @torchmodel class
+    built = target(*spec.args, **spec.kwargs)
+    if isinstance(built, TorchModel):
+        return built
+    if isinstance(built, torch.nn.Module):
+        return TorchModel(identifier, object=built)
+    raise TypeError(
+        f"model.class={spec.class_!r} returned a {type(built).__name__}; it must build a "
+        "TorchModel or a torch.nn.Module"
+    )
+
+
+def new_run_name(name: str) -> str:
+    """``<name>-<UTC time>-<random>``: unique and sortable; never resumes an old run by accident."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{name}-{stamp}-{secrets.token_hex(3)}"
+
+
+def write_resolved(job: Job, run_dir: Path) -> Path:
+    """Write the job as run (file + overrides) to ``run_dir/job.yaml``; re-runnable as is."""
+    config = dict(job._raw)
+    # Absolute so the copy finds the same modules from wherever it is run.
+    config["python_path"] = [str((job._base_dir / e).resolve()) for e in job.python_path]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "job.yaml"
+    header = (
+        f"# raytorch {job.kind} {path}\n# the job as run: the file with its overrides applied\n"
+    )
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def unship_job_modules(names: Sequence[str]) -> None:
+    """Undo :func:`ship_job_modules` (the caller's process pickles those modules by name again)."""
+    from ray import cloudpickle
+
+    for name in names:
+        module = sys.modules.get(name)
+        if module is not None:
+            with contextlib.suppress(ValueError):
+                cloudpickle.unregister_pickle_by_value(module)
+
+
+@contextlib.contextmanager
+def _job_session(job: Job, address: str | None, echo: Echo) -> Iterator[None]:
+    """The job's modules importable and shipped by value, and Ray joined or started, for one
+    run; the caller's ``sys.path`` and pickling rules are restored after it."""
+    from raytorch.cluster.session import ensure_ray
+
+    with python_path(job._base_dir, job.python_path):
+        shipped = ship_job_modules(job)
+        try:
+            if shipped:
+                echo(f"job modules shipped to workers by value: {', '.join(shipped)}")
+            ensure_ray(address, runtime_env=worker_runtime_env(job))
+            yield
+        finally:
+            unship_job_modules(shipped)
+
+
+def run_train(job: TrainJob, *, address: str | None = None, echo: Echo = print) -> Any:
+    """Fit the job's model on its data and return the TrainingResult.
+
+    The run directory (``trainer.storage_path/<run name>``) gets ``job.yaml`` before training
+    starts, so a failed run still records what it ran; the trainer adds the rest.
+    """
+    with _job_session(job, address, echo):
+        return _run_train(job, echo)
+
+
+def _run_train(job: TrainJob, echo: Echo) -> Any:
+    trainer = job.trainer
+    if trainer.run_name is None:
+        trainer = trainer.model_copy(update={"run_name": new_run_name(trainer.identifier)})
+    if "://" not in trainer.storage_path:  # an object-storage URI gets the trainer's files only
+        write_resolved(job, Path(trainer.storage_path) / str(trainer.run_name))
+    model = build_model(job.model, job.name)
+    train = job.data.train.load()
+    valid = job.data.valid.load() if job.data.valid is not None else None
+    echo(f"training {job.name}: run directory {Path(trainer.storage_path) / str(trainer.run_name)}")
+    result = trainer.fit(model, train, valid)
+    echo(train_summary(result))
+    return result
+
+
+def train_summary(result: Any) -> str:
+    """A few lines for the end of a training run."""
+    best = "n/a" if result.best_value is None else f"{result.best_value:.4g}"
+    lines = [
+        f"status: {result.status}"
+        + (" (an earlier run's result, reused)" if result.reused else ""),
+        f"stopped: {result.stop_reason} at iteration {result.stopped_iteration} "
+        f"({result.timings.get('total_s', float('nan')):.1f} s)",
+        f"best: iteration {result.best_iteration}, value {best}",
+    ]
+    if result.restarts:
+        lines.append(f"restarts: {len(result.restarts)} after lost workers")
+    for key, values in result.history.items():
+        if key.startswith("valid/") and values:
+            lines.append(f"final {key}: {values[-1]:.4f}")
+    lines.append(f"run directory: {result.run_dir}")
+    return "\n".join(lines)
+
+
+def run_predict(job: PredictJob, *, address: str | None = None, echo: Echo = print) -> Any:
+    """Predict over the job's data; the run directory gets job.yaml, predictions, summary.json."""
+    with _job_session(job, address, echo):
+        return _run_predict(job, echo)
+
+
+def _run_predict(job: PredictJob, echo: Echo) -> Any:
+    from raytorch.cluster.inference import predict
+
+    run_dir = Path(job.output.dir) / new_run_name(job.name)
+    write_resolved(job, run_dir)
+    # A saved model goes in by path, so the output records which model made it (resume checks).
+    model = job.model.path or build_model(job.model, job.name)
+    data = job.data.load()
+    output = job.output.predictions or str(run_dir / "predictions")
+    echo(f"predicting {job.name}: run directory {run_dir}")
+    summary = predict(
+        model,
+        data,
+        output,
+        progress=_ProgressPrinter(echo),
+        progress_interval_s=math.inf,  # the printer above reports progress instead
+        **job.predict.model_dump(exclude_none=True),
+    )
+    (run_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
+    echo(
+        f"rows: {summary.rows_read} read, {summary.rows_written} written, "
+        f"{summary.rows_rejected} rejected in {summary.elapsed_s:.1f} s "
+        f"({summary.rows_per_s:,.0f} rows/s)\npredictions: {output}\nrun directory: {run_dir}"
+    )
+    return summary
+
+
+class _ProgressPrinter:
+    """Prints inference progress (rows done, rows/s, ETA) at most every ``every_s`` seconds."""
+
+    def __init__(self, echo: Echo, every_s: float = 5.0):
+        self.echo, self.every_s, self.last = echo, every_s, time.monotonic()
+
+    def __call__(self, update: Any) -> None:
+        from raytorch.engine.predict_report import progress_line
+
+        now = time.monotonic()
+        done = update.rows_total is not None and update.rows_done >= update.rows_total
+        if now - self.last < self.every_s and not done:
+            return
+        self.last = now
+        self.echo(progress_line(update))
+
+
+# --------------------------------------------------------------------------------------------
+# Checking a job against a cluster, without running it
+# --------------------------------------------------------------------------------------------
+
+
+def local_nodes() -> list[dict[str, float]]:
+    """The one node an embedded local Ray would start here (what ``ray.init()`` would detect)."""
+    import torch
+
+    from raytorch.cluster.compat import num_cpus
+
+    node = {"CPU": num_cpus()}
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # sysconf: not on every OS
+        node["memory"] = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if torch.cuda.is_available():
+        node["GPU"] = float(torch.cuda.device_count())
+    return [node]
+
+
+def check_resources(job: Job, nodes: Sequence[Mapping[str, float]]) -> tuple[list[str], list[str]]:
+    """Problems (the job could never run, or would hang) and notes for ``job`` on ``nodes``.
+
+    Asks the same planners the run uses (``plan_workers`` for training, ``plan_pool`` for
+    inference), so a job that passes here is not refused later for its resources. Pure.
+
+    Args:
+        job: a validated job.
+        nodes: total resources of each node, in Ray's names (``CPU``, ``GPU``, ``memory``, ...).
+
+    Returns:
+        (problems, notes): lines naming the job-file field.
+    """
+    from raytorch.core.errors import ResourceError
+    from raytorch.core.resources import resource_request, unschedulable
+
+    problems: list[str] = []
+    notes: list[str] = []
+    if isinstance(job, TrainJob):
+        from raytorch.core.resources import plan_workers
+
+        try:
+            plan = plan_workers(job.trainer, list(nodes))
+        except ResourceError as exc:
+            problems.append(f"trainer.{exc}")
+        else:
+            options = ", ".join(f"{k}={v}" for k, v in plan.options.items())
+            notes.append(f"trainer: {plan.num_workers} worker(s), each {options}")
+            if plan.message:
+                notes.append(f"trainer.{plan.message}")
+        return problems, notes
+
+    from raytorch.core.errors import PoolError
+    from raytorch.core.resources import plan_pool
+
+    compute = dict(job.predict.compute_kwargs or {})
+    try:
+        pool = plan_pool(
+            cluster_cpus=sum(n.get("CPU", 0.0) for n in nodes),
+            cluster_gpus=sum(n.get("GPU", 0.0) for n in nodes),
+            node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=0.0),
+            concurrency=job.predict.concurrency,
+            compute_kwargs=compute,
+            num_threads=job.predict.num_threads,
+        )
+    except PoolError as exc:
+        problems.append(f"predict.{exc}")
+        return problems, notes
+    notes.append(f"predict: {pool.reason}")
+    per_actor = {**compute, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
+    problem = unschedulable(resource_request(per_actor), list(nodes), "predict.compute_kwargs")
+    if problem:
+        problems.append(problem)
+    return problems, notes
+
+
+def path_problems(job: Job) -> list[str]:
+    """Local paths the job reads that do not exist here (object-storage URIs are not checked):
+    a job that names them cannot start. Not part of job-file validation, so ``raytorch submit``
+    can name paths that exist only on the cluster."""
+    problems = []
+    sources = (
+        {"data.train": job.data.train, "data.valid": job.data.valid}
+        if isinstance(job, TrainJob)
+        else {"data": job.data}
+    )
+    for field, source in sources.items():
+        path = getattr(source, "path", None)
+        if path is not None and "://" not in path and not Path(path).exists():
+            problems.append(
+                f"{field}.path: {path!r}: no such file or directory (looked in {Path.cwd()}); "
+                "give a parquet file or directory, or a URI such as s3://bucket/prefix"
+            )
+    model_path = job.model.path
+    local_model = model_path is not None and "://" not in model_path
+    if local_model and not (Path(str(model_path)) / "model.json").is_file():
+        problems.append(
+            f"model.path: {model_path!r} is not a saved model directory (no model.json there, "
+            f"looked in {Path.cwd()}); give a directory TorchModel.save or a training run "
+            "wrote (e.g. runs/<run>/checkpoints/best)"
+        )
+    return problems
+
+
+def describe(job: Job) -> list[str]:
+    """A few lines saying what the job would do (for ``raytorch check``)."""
+    arguments = [*map(repr, job.model.args), _kwargs_text(job.model.kwargs)]
+    model = job.model.path or f"{job.model.class_}({', '.join(a for a in arguments if a)})"
+    lines = [f"{job.kind} job {job.name!r}", f"  model: {model}"]
+    if isinstance(job, TrainJob):
+        sources = {"train": job.data.train, "valid": job.data.valid}
+        trainer, compute = job.trainer, job.trainer.compute_kwargs
+        bounds = [f"max_iterations={trainer.max_iterations}"] if trainer.max_iterations else []
+        bounds += [f"epochs={trainer.epochs}"] if trainer.epochs else []
+        lines.append(
+            f"  trainer: {compute.num_workers} worker(s), {', '.join(bounds)}, "
+            f"listen={trainer.listen}, storage_path={trainer.storage_path}"
+        )
+    else:
+        sources = {"data": job.data}
+        lines.append(f"  output: {job.output.predictions or job.output.dir + '/<run>/predictions'}")
+    for label, source in sources.items():
+        if source is not None:
+            where = source.path or f"{source.function}({_kwargs_text(source._kwargs())})"
+            lines.append(f"  {label}: {where}")
+    return lines
+
+
+def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())

@@ -1,0 +1,150 @@
+"""``raytorch submit``: Ray Jobs with the working directory as the runtime_env."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from raytorch.core.errors import UploadError
+from raytorch.core.progress import echo as _echo
+
+# Never uploaded with a job: version control, environments, outputs, data, caches. Gitignore
+# syntax, relative to the working directory; Ray also honours .gitignore and .rayignore files.
+DEFAULT_EXCLUDES = (
+    ".git",
+    ".venv",
+    "venv",
+    "/runs/",
+    "/data/",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    ".ipynb_checkpoints",
+)
+# Well under Ray's own 512 MiB package limit: a working directory travels to every node on every
+# submission, so anything this big is data that belongs in object storage.
+DEFAULT_MAX_UPLOAD_MIB = 100.0
+
+
+def upload_files(working_dir: Path, excludes: Sequence[str]) -> list[tuple[Path, int]]:
+    """The files Ray would upload from ``working_dir`` with ``excludes`` (and .gitignore), sizes.
+
+    Uses Ray's own directory walk, so the answer matches what ``ray job submit`` packages.
+    """
+    from raytorch.cluster.compat import upload_files as ray_upload_files
+
+    return ray_upload_files(working_dir.resolve(), excludes)
+
+
+def check_upload(working_dir: Path, excludes: Sequence[str], max_mib: float) -> tuple[int, int]:
+    """(files, bytes) that a submission would upload; UploadError above ``max_mib``.
+
+    Raises:
+        UploadError: naming the biggest files, the excludes in force and the ways out.
+    """
+    files = upload_files(working_dir, excludes)
+    total = sum(size for _, size in files)
+    if total <= max_mib * 2**20:
+        return len(files), total
+    biggest = sorted(files, key=lambda f: f[1], reverse=True)[:5]
+    root = working_dir.resolve()
+    listing = "\n".join(
+        f"    {size / 2**20:9.1f} MiB  {p.relative_to(root)}" for p, size in biggest
+    )
+    raise UploadError(
+        f"the working directory {working_dir} would upload {total / 2**20:.1f} MiB in "
+        f"{len(files)} files, above the limit of {max_mib:g} MiB (--max-upload-mib). "
+        f"Biggest files:\n{listing}\n"
+        f"  Excluded already: {', '.join(excludes)}, and .gitignore/.rayignore entries.\n"
+        "  Leave files out with --exclude PATTERN (gitignore syntax) or a .rayignore file, read "
+        "large data from object storage (s3://..., gs://...) instead of shipping it, or raise "
+        "--max-upload-mib (Ray refuses packages over 512 MiB)."
+    )
+
+
+def entrypoint(kind: str, job_file: str, overrides: Sequence[str]) -> str:
+    """The shell command the cluster runs for a job file (quoted for the shell)."""
+    words = ["python", "-m", "raytorch", kind, job_file, *overrides]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from raytorch.jobs.files import load_job
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UploadError(
+            "--address is required: the job server URL, e.g. http://127.0.0.1:8265 "
+            "(`ray dashboard cluster.yaml` forwards it from the head node)"
+        )
+    working_dir = Path(args.working_dir)
+    job_path = Path(args.job).resolve()
+    if not job_path.is_relative_to(working_dir.resolve()):
+        raise UploadError(
+            f"the job file {args.job} is outside the working directory {working_dir.resolve()}, "
+            "so the cluster would not get it; pass --working-dir with a directory that holds it"
+        )
+    # Validate here first: a typo should cost a second, not a cluster round trip.
+    job = load_job(job_path, args.overrides)
+    excludes = [*DEFAULT_EXCLUDES, *args.exclude]
+    count, size = check_upload(working_dir, excludes, args.max_upload_mib)
+    command = entrypoint(
+        job.kind, job_path.relative_to(working_dir.resolve()).as_posix(), args.overrides
+    )
+    submission_id = args.submission_id or (
+        f"raytorch-{job.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    )
+    runtime_env: dict[str, Any] = {
+        "working_dir": str(working_dir.resolve()),
+        "excludes": excludes,
+        # Lines appear in the logs as they are printed, not when a buffer fills.
+        "env_vars": {"PYTHONUNBUFFERED": "1"},
+    }
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    _echo(f"uploading {count} files ({size / 2**20:.1f} MiB) from {working_dir.resolve()}")
+    job_id = client.submit_job(
+        entrypoint=command, runtime_env=runtime_env, submission_id=submission_id
+    )
+    _echo(f"submitted {job_id}: {command}")
+    if args.no_wait:
+        _echo(f"follow it with: ray job logs --address {address} --follow {job_id}")
+        return 0
+    return _follow(client, job_id, address)
+
+
+def _follow(client: Any, job_id: str, address: str) -> int:
+    """Print the job's logs until it ends; the exit status says how it ended."""
+    from ray.job_submission import JobStatus
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(tail())
+        status = client.get_job_status(job_id)
+        while not status.is_terminal():  # the log stream can close a moment before the status
+            time.sleep(0.5)
+            status = client.get_job_status(job_id)
+    except KeyboardInterrupt:
+        print(
+            f"\nstopped following; {job_id} keeps running. Stop it with: "
+            f"ray job stop --address {address} {job_id}",
+            file=sys.stderr,
+        )
+        return 130
+    _echo(f"job {job_id} {status.value}")
+    return 0 if status == JobStatus.SUCCEEDED else 1

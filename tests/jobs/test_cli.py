@@ -1,0 +1,206 @@
+"""The `raytorch` command: help, check (no Ray started), errors, submission's upload check."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raytorch.core.errors import UploadError
+from raytorch.jobs.cli import main
+from raytorch.jobs.submit import DEFAULT_EXCLUDES, check_upload, entrypoint
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN_JOB = str(ROOT / "jobs" / "train_digits.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _no_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `check` without an address describes this machine; an inherited RAY_ADDRESS would not.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def test_help_lists_commands_and_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("train", "predict", "check", "submit", "examples:", "RAY_ADDRESS"):
+        assert word in out
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "check", "submit"])
+def test_subcommand_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "KEY=VALUE" in out and f"raytorch {command} jobs/" in out and "--address" in out
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "raytorch"
+    done = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("raytorch ")
+
+
+def test_check_ok_on_this_machine(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", TRAIN_JOB, "trainer.max_iterations=10"]) == 0
+    out = capsys.readouterr().out
+    assert "train job 'digits'" in out
+    assert "resources of this machine (local Ray)" in out
+    assert out.rstrip().endswith(f"{TRAIN_JOB}: ok")
+
+
+def test_check_refuses_resources_the_cluster_lacks(capsys: pytest.CaptureFixture[str]) -> None:
+    # Options may come before overrides; overrides after options still count.
+    code = main(["check", TRAIN_JOB, "--address", "", "trainer.compute_kwargs.num_gpus=64"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "cannot run on this machine" in err and "trainer.compute_kwargs asks for" in err
+
+
+def test_job_file_errors_exit_2_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["train", TRAIN_JOB, "trainer.optimizer_cls=Adamm", "trainer.epochz=1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raytorch train: error: {TRAIN_JOB}: 2 problems:")
+    assert "trainer.optimizer_cls: 'Adamm'" in err and "trainer.epochz: unknown key" in err
+    assert "Traceback" not in err
+
+
+def test_stray_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", TRAIN_JOB, "--adress", "x"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --adress x" in capsys.readouterr().err
+
+
+def test_submit_needs_an_address(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["submit", TRAIN_JOB]) == 2
+    assert "--address is required" in capsys.readouterr().err
+
+
+def test_submit_refuses_a_job_outside_the_working_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["submit", TRAIN_JOB, "--address", "http://127.0.0.1:1", "--working-dir", str(tmp_path)]
+    )
+    assert code == 2
+    assert "is outside the working directory" in capsys.readouterr().err
+
+
+def _tree(root: Path) -> None:
+    for name, size in {
+        "jobs/train.yaml": 100,
+        "src/model.py": 2_000,
+        "big/features.parquet": 150 * 2**20,  # sparse: costs no disk
+        "data/raw.parquet": 300 * 2**20,
+        ".venv/lib/torch.so": 400 * 2**20,
+        "runs/r1/weights.pt": 50 * 2**20,
+        ".git/objects/pack": 10 * 2**20,
+    }.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            f.truncate(size)
+
+
+def test_upload_check_names_the_biggest_files_and_the_way_out(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    with pytest.raises(UploadError) as info:
+        check_upload(tmp_path, DEFAULT_EXCLUDES, max_mib=100)
+    message = str(info.value)
+    assert "would upload 150.0 MiB in 3 files, above the limit of 100 MiB" in message
+    assert "big/features.parquet" in message and "--exclude PATTERN" in message
+    # Excluded by default: environments, data, runs, version control.
+    for excluded in ("raw.parquet", "torch.so", "weights.pt", "objects"):
+        assert excluded not in message
+    files, size = check_upload(tmp_path, [*DEFAULT_EXCLUDES, "*.parquet"], max_mib=100)
+    assert (files, size) == (2, 2_100)
+
+
+def test_entrypoint_is_quoted_for_the_shell() -> None:
+    assert entrypoint("train", "jobs/my job.yaml", ["model.args=[64, 10]", "name=x"]) == (
+        "python -m raytorch train 'jobs/my job.yaml' 'model.args=[64, 10]' name=x"
+    )
+
+
+def test_module_entry_runs_the_cli() -> None:
+    # The cluster runs `python -m raytorch.cli ...` (see entrypoint): it must act like the script.
+    done = subprocess.run(
+        [sys.executable, "-m", "raytorch", "check", TRAIN_JOB, "trainer.optimizer_cls=Adamm"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    assert done.returncode == 2 and "did you mean 'Adam'" in done.stderr
+
+
+def _error_classes() -> list[type]:
+    from raytorch.core import errors
+
+    found, todo = set(), [errors.UserError, errors.RunError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls)
+        todo += cls.__subclasses__()
+    return sorted(found, key=lambda c: c.__name__)
+
+
+def _instance(cls: type) -> BaseException:
+    from raytorch.core.errors import JobFileError
+
+    if issubclass(cls, JobFileError):
+        return cls("bad.yaml", ["trainer.lr: unknown key"])
+    return cls(f"a {cls.__name__} message naming the field")
+
+
+@pytest.mark.parametrize("cls", _error_classes(), ids=lambda c: c.__name__)
+def test_every_raytorch_error_maps_to_its_exit_code(cls, monkeypatch, capsys) -> None:
+    from raytorch.core.errors import UserError
+    from raytorch.jobs import cli
+
+    def fail(args):
+        raise _instance(cls)
+
+    monkeypatch.setitem(cli._COMMANDS, "check", fail)
+    code = main(["check", "job.yaml"])
+    err = capsys.readouterr().err
+    assert code == (2 if issubclass(cls, UserError) else 1)
+    assert err.startswith("raytorch check: error: ") and "Traceback" not in err
+
+
+def test_an_error_wrapped_by_ray_is_unwrapped_by_its_causes(monkeypatch, capsys) -> None:
+    from raytorch.core.errors import DataError
+    from raytorch.jobs import cli
+
+    class Wrapper(RuntimeError):  # like RayTaskError: the worker's error as `cause`
+        def __init__(self, cause):
+            super().__init__("ray::task failed\n<a long remote traceback>")
+            self.cause = cause
+
+    def fail(args):
+        raise Wrapper(DataError("train_data: column 'x' has NaN in 2 row(s)"))
+
+    monkeypatch.setitem(cli._COMMANDS, "check", fail)
+    assert main(["check", "job.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "column 'x' has NaN" in err and "remote traceback" not in err
+
+
+def test_debug_shows_the_traceback(monkeypatch) -> None:
+    from raytorch.core.errors import ConfigError
+    from raytorch.jobs import cli
+
+    def fail(args):
+        raise ConfigError("optimizer_cls='Adamm'")
+
+    monkeypatch.setitem(cli._COMMANDS, "check", fail)
+    with pytest.raises(ConfigError, match="Adamm"):
+        main(["check", "job.yaml", "--debug"])

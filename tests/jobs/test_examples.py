@@ -1,0 +1,130 @@
+"""Every shipped example in jobs/: the opening command, validation, and a smoke-size run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raytorch.jobs.files import PredictJob, TrainJob, load_job
+from raytorch.jobs.run import check_resources, run_predict, run_train
+
+ROOT = Path(__file__).resolve().parents[2]
+JOBS = ROOT / "jobs"
+JOB_FILES = sorted(JOBS.glob("*.yaml"))
+
+
+def test_there_are_examples() -> None:
+    assert {p.name for p in JOB_FILES} >= {"train_digits.yaml", "predict_parquet.yaml"}
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_job_file_opens_with_its_command_and_validates(path: Path) -> None:
+    job = load_job(path)
+    assert path.read_text().splitlines()[0] == f"# raytorch {job.kind} jobs/{path.name}"
+    # As shipped, each job fits a 2-CPU machine (the README's main command runs it there).
+    problems, _ = check_resources(job, [{"CPU": 2.0, "memory": 4e9}])
+    assert problems == []
+
+
+def test_driver_opens_with_its_command() -> None:
+    assert (JOBS / "driver.py").read_text().splitlines()[0].startswith("# python jobs/driver.py")
+
+
+def test_digits_splits_are_disjoint_and_scaled() -> None:
+    sys.path.insert(0, str(JOBS))
+    try:
+        import digits
+    finally:
+        sys.path.remove(str(JOBS))
+    train, valid = digits.load_split("train"), digits.load_split("valid")
+    assert (len(train), len(valid)) == (1438, 359)
+    seen = {r["x"].tobytes() for r in train}
+    assert sum(r["x"].tobytes() in seen for r in valid) < 5  # digits has a few duplicate images
+    assert (
+        train[0]["x"].dtype == np.float32 and 0 <= train[0]["x"].min() <= train[0]["x"].max() <= 1
+    )
+    assert len(digits.load_split("valid", rows=10)) == 10
+    with pytest.raises(ValueError, match="'test' is not a split"):
+        digits.load_split("test")
+
+
+def test_features_parquet_is_made_once(tmp_path: Path) -> None:
+    sys.path.insert(0, str(JOBS))
+    try:
+        import digits
+    finally:
+        sys.path.remove(str(JOBS))
+    path = digits.features_parquet(rows=1_000, directory=str(tmp_path), rows_per_file=400)
+    table = pq.read_table(path)
+    assert table.num_rows == 1_000 and table.column("id").to_pylist() == list(range(1_000))
+    assert table.schema.field("x").type.list_size == 64
+    made = sorted(p.stat().st_mtime_ns for p in Path(path).iterdir())
+    assert digits.features_parquet(rows=1_000, directory=str(tmp_path), rows_per_file=400) == path
+    assert sorted(p.stat().st_mtime_ns for p in Path(path).iterdir()) == made  # reused
+
+
+# -- smoke runs (on the session's local Ray) -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_digits_smoke(tmp_path: Path, ray_local, capsys: pytest.CaptureFixture[str]) -> None:
+    # One worker (a Ray task) keeps this short; two workers are the point of the trainer's tests.
+    job = load_job(
+        JOBS / "train_digits.yaml",
+        [
+            "trainer.compute_kwargs.num_workers=1", "trainer.max_iterations=20",
+            "trainer.validation_interval=10", "data.rows=256", f"trainer.storage_path={tmp_path}",
+        ],
+    )  # fmt: skip
+    assert isinstance(job, TrainJob)
+    result = run_train(job)
+    out = capsys.readouterr().out
+    assert result.stopped_iteration == 20 and len(result.history["valid/accuracy"]) == 3
+    assert result.history["valid/accuracy"][-1] > 0.3  # 10 classes: well above chance
+    run_dir = Path(result.run_dir)
+    assert run_dir.parent == tmp_path
+    for name in ("job.yaml", "history.csv", "learning_curve.png", "result.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "checkpoints" / "best" / "model.json").is_file()
+    assert load_job(run_dir / "job.yaml").trainer.max_iterations == 20  # the resolved job reruns
+    assert f"run directory: {run_dir}" in out and "final valid/accuracy:" in out
+
+
+@pytest.mark.slow
+def test_predict_parquet_smoke(
+    tmp_path: Path, ray_local, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = load_job(
+        JOBS / "predict_parquet.yaml",
+        ["data.rows=3000", f"data.kwargs.directory={tmp_path}/data", f"output.dir={tmp_path}/runs"],
+    )
+    assert isinstance(job, PredictJob)
+    summary = run_predict(job)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    written = json.loads((run_dir / "summary.json").read_text())
+    assert written["rows_read"] == written["rows_written"] == 3000 == summary.rows_written
+    predictions = pq.read_table(run_dir / "predictions")
+    assert predictions.num_rows == 3000
+    assert sorted(predictions.column("id").to_pylist()) == list(range(3000))
+    assert (run_dir / "job.yaml").is_file()
+    assert "predict: 3,000/3,000 rows (100%)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_driver_smoke(tmp_path: Path) -> None:
+    # A real user script: its own process, its own embedded Ray (ensure_ray starts one).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, str(JOBS / "driver.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=280, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "final valid/accuracy" in done.stdout
+    assert "prediction: 2000 of 2000 rows written" in done.stdout
