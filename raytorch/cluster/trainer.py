@@ -148,8 +148,10 @@ class TorchTrainer(TrainerConfig):
             # A held-out split lives in train_ds only: the downloaded file holds both parts.
             source = None if valid_data is None else train_data
             train_parts = self._parts(model, source, train_ds, n, counts["train"])
+        # One data seed for the whole group, drawn here when the run is unseeded.
+        data_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
         shards = [
-            ShardSpec(layout, as_dict, self.streaming, train_parts[i], valid_parts[i])
+            ShardSpec(layout, as_dict, self.streaming, train_parts[i], valid_parts[i], data_seed)
             for i in range(n)
         ]
         storage = _storage_path(self.storage_path)

@@ -7,7 +7,6 @@ a small zero-CPU actor that a driver thread drains into the ``raytorch`` logger.
 
 from __future__ import annotations
 
-import random
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ class ShardSpec:
     # worker), or None (Ray Train's own shard when streaming).
     train: Any
     valid: Any  # this rank's exact part of the validation rows: refs of Arrow tables, a Download
+    data_seed: int | None = None  # drawn once on the driver when the run is unseeded
 
 
 class RayContext(WorkerContext):
@@ -75,8 +75,9 @@ class RayContext(WorkerContext):
         self.run_dir, self.resume = run_dir, resume
         # Ray Train stores reported checkpoints itself; a task publishes them to run_dir.
         self.checkpoint_every = cfg.checkpoint_every if (ray_train or run_dir) else 0
-        # Unseeded runs draw a data seed, so a resumed run replays the same data order.
-        self.data_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+        # The driver draws one data seed for unseeded runs (every rank the same base, as in a
+        # seeded run), so a resumed run replays the same data order on every rank.
+        self.data_seed = shards.data_seed if seed is None else seed
         user = resolve_callable(cfg.collate_fn or cfg.loader_kwargs.collate_fn, "collate_fn")
         self.user_collate = user
         self._train_data: Batch | None = None
@@ -145,6 +146,15 @@ class RayContext(WorkerContext):
         if self._valid_data is None:
             return []
         return TensorBatches(self._valid_data, self.cfg.loader_kwargs.batch_size)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:

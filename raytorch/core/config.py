@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raytorch.core.errors import ConfigError, ImportReferenceError
-from raytorch.core.references import import_reference
+from raytorch.core.references import import_checked, import_reference
 from raytorch.core.resources import ComputeKwargs
 from raytorch.core.signature import SIGNATURES, Signature
 from raytorch.core.stopping import EarlyStopping, Mode, default_mode, unknown_mode_message
@@ -162,15 +162,18 @@ def resolve_objective(cfg: TrainerConfig) -> Callable[..., Any]:
     return objective
 
 
-def kwargs_problem(cls: Any, kwargs: Mapping[str, Any], field: str) -> str | None:
-    """Why ``cls(<first argument>, **kwargs)`` would be refused, checked without calling it."""
+def kwargs_problem(
+    cls: Any, kwargs: Mapping[str, Any], field: str, first: bool = True
+) -> str | None:
+    """Why ``cls(<first argument>, **kwargs)`` (``first``) or ``cls(**kwargs)`` would be
+    refused, checked without calling it."""
     try:
         signature = inspect.signature(cls)
     except (TypeError, ValueError):
         return None
     names = [p for p in signature.parameters if p not in ("self", "params", "optimizer")]
     try:
-        signature.bind(None, **kwargs)
+        signature.bind(*([None] if first else []), **kwargs)
     except TypeError as exc:
         unknown = [k for k in kwargs if k not in signature.parameters]
         hints = [
@@ -178,12 +181,46 @@ def kwargs_problem(cls: Any, kwargs: Mapping[str, Any], field: str) -> str | Non
             for k in unknown
             for m in [difflib.get_close_matches(k, names, n=1)]
         ]
-        what = f"unknown {', '.join(hints)}" if hints else str(exc)
-        return (
-            f"{field}: {getattr(cls, '__name__', cls)} does not accept {what}; it takes "
-            f"{', '.join(names)}"
-        )
+        name = getattr(cls, "__name__", cls)
+        what = f"does not accept unknown {', '.join(hints)}" if hints else f"needs more: {exc}"
+        return f"{field}: {name} {what}; it takes {', '.join(names)}"
     return None
+
+
+def resolve_scheduler(spec: Any, field: str = "lr_scheduler") -> Any:
+    """A learning-rate scheduler class for a torch.optim.lr_scheduler name ("CosineAnnealingLR"),
+    an import reference, or a callable ``optimizer -> scheduler``.
+
+    Raises:
+        ConfigError: unknown name, listing close matches among torch's schedulers.
+    """
+    base = torch.optim.lr_scheduler.LRScheduler
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+    if isinstance(spec, type) and issubclass(spec, (base, plateau)):
+        return spec
+    if callable(spec) and not isinstance(spec, type):
+        return spec
+    if isinstance(spec, str) and ":" in spec:
+        found = resolve_callable(spec, field)
+        if isinstance(found, type) and not issubclass(found, (base, plateau)):
+            raise ConfigError(f"{field}={spec!r} is not a learning-rate scheduler class")
+        return found
+    choices = sorted(
+        n
+        for n, obj in vars(torch.optim.lr_scheduler).items()
+        if isinstance(obj, type)
+        and issubclass(obj, (base, plateau))
+        and obj not in (base, torch.optim.lr_scheduler._LRScheduler)
+        and not n.startswith("_")
+    )
+    if isinstance(spec, str) and spec in choices:
+        return getattr(torch.optim.lr_scheduler, spec)
+    hint = _close(str(spec), choices)
+    raise ConfigError(
+        f"{field}={spec!r} is not a scheduler in torch.optim.lr_scheduler; {hint}choose one of "
+        f"{', '.join(choices)}, give an import reference 'package.module:Class', or a callable "
+        "optimizer -> scheduler"
+    )
 
 
 def resolve_optimizer(name: Any, field: str = "optimizer_cls") -> type[torch.optim.Optimizer]:
@@ -341,6 +378,43 @@ class TrainerConfig(BaseModel):
     optimizer_state: dict[str, Any] | None = Field(
         None, description="optimizer state_dict to resume from (else model.optimizer_state)"
     )
+    # The training recipe (Lightning's names): schedule, precision, clipping, accumulation.
+    lr_scheduler: Any = Field(
+        None,
+        description="a torch.optim.lr_scheduler class name (CosineAnnealingLR, OneCycleLR, "
+        "StepLR, ReduceLROnPlateau, ...), 'package.module:Class', or a callable "
+        "optimizer -> scheduler; None: a constant learning rate",
+    )
+    lr_scheduler_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="its arguments; T_max / total_steps / total_iters default to the run's length",
+    )
+    lr_scheduler_interval: Literal["step", "epoch"] = Field(
+        "step", description="step the schedule after every optimizer step, or every epoch"
+    )
+    warmup_iterations: int = Field(
+        0, ge=0, description="linear warmup of the learning rate over these first steps"
+    )
+    gradient_clip_val: float | None = Field(
+        None, gt=0, description="clip gradients to this (after unscaling under fp16)"
+    )
+    gradient_clip_algorithm: Literal["norm", "value"] = Field(
+        "norm", description="clip the global norm of all gradients, or each value"
+    )
+    accumulate_grad_batches: int = Field(
+        1,
+        ge=1,
+        description="micro-batches per optimizer step; max_iterations and validation_interval "
+        "count optimizer steps",
+    )
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
+        "32",
+        description="'32'; 'bf16-mixed' (autocast, CPU and CUDA); '16-mixed' (CUDA, with a "
+        "gradient scaler)",
+    )
+    compile: bool | dict[str, Any] = Field(
+        False, description="torch.compile the module (True, or a dict of its kwargs)"
+    )
     seed: int | Literal["random"] | None = Field(
         "random", description="int; 'random' (drawn once, recorded in the result); None: no seeding"
     )
@@ -378,6 +452,8 @@ class TrainerConfig(BaseModel):
         if not isinstance(data, Mapping):
             return data
         data = dict(data)
+        if isinstance(data.get("precision"), int) and not isinstance(data["precision"], bool):
+            data["precision"] = str(data["precision"])  # YAML's precision: 32
         problems = [f"{k}: {fix}" for k, fix in _REPLACED.items() if k in data]
         for alias, canonical in _ALIASES.items():
             if alias in data:
@@ -429,6 +505,7 @@ class TrainerConfig(BaseModel):
                 problems.append(problem)
         except ConfigError as exc:
             problems.append(str(exc))
+        problems += self._recipe_problems()
         if self.data_prefetch and self.in_memory:
             problems.append(
                 f"data_prefetch=True and in_memory={self.in_memory!r} are both set: streaming and "
@@ -456,6 +533,39 @@ class TrainerConfig(BaseModel):
             raise ValueError("\n".join(problems))
         return self
 
+    def _recipe_problems(self) -> list[str]:
+        """The schedule and its kwargs, checked without building anything."""
+        if self.lr_scheduler is None:
+            if self.lr_scheduler_kwargs:
+                return ["lr_scheduler_kwargs are set but lr_scheduler is None; name a scheduler"]
+            return []
+        try:
+            scheduler_cls = resolve_scheduler(self.lr_scheduler)
+        except ConfigError as exc:
+            return [str(exc)]
+        if not isinstance(scheduler_cls, type):
+            return []
+        kwargs = {**self.lr_scheduler_kwargs, **self.scheduler_length_kwargs(scheduler_cls)}
+        problem = kwargs_problem(scheduler_cls, kwargs, "lr_scheduler_kwargs")
+        return [problem] if problem else []
+
+    def scheduler_length_kwargs(self, scheduler_cls: Any) -> dict[str, Any]:
+        """The run-length kwargs a scheduler needs and ``lr_scheduler_kwargs`` lacks: ``T_max``,
+        ``total_steps``, ``total_iters`` from ``max_iterations`` less warmup (or ``epochs`` for
+        the ``"epoch"`` interval)."""
+        if not isinstance(scheduler_cls, type):
+            return {}
+        params = inspect.signature(scheduler_cls).parameters
+        if self.lr_scheduler_interval == "epoch":
+            length = self.epochs
+        else:
+            length = (self.max_iterations or 0) - self.warmup_iterations or None
+        return {
+            name: max(1, int(length))
+            for name in ("T_max", "total_steps", "total_iters")
+            if name in params and name not in self.lr_scheduler_kwargs and length
+        }
+
     def _metric_problems(self) -> list[str]:
         problems: list[str] = []
         names: dict[str, dict[str, bool]] = {}
@@ -473,10 +583,14 @@ class TrainerConfig(BaseModel):
         split, _, name = self.listen.rpartition("/")
         split = split or "valid"
         if split not in names or name not in names[split]:
+            if self.mode is not None:
+                # A value a custom training_step/validation_step logs (checked when it runs).
+                return problems
             available = [f"{s}/{n}" for s, ns in names.items() for n in ns]
             problems.append(
                 f"listen={self.listen!r} is not a computed metric; {_close(self.listen, available)}"
-                f"choose one of {available} or add it to metric_values"
+                f"choose one of {available}, add it to metric_values, or (a value a custom "
+                "training_step/validation_step logs) give mode='min' or 'max'"
             )
             return problems
         if self.no_improve_then_stop is not None and self.no_improve_then_stop < 0:
@@ -548,12 +662,36 @@ class TrainerConfig(BaseModel):
         return self.loader_kwargs.batch_size
 
 
+def _is_metric_class(value: Any) -> bool:
+    from raytorch.core.external_metrics import is_metric_class
+
+    return is_metric_class(value)
+
+
+def _metric_instance(ref: Any, kwargs: dict[str, Any], where: str) -> Any:
+    """A metric object built from an import reference of its class (checked before the call)."""
+    try:
+        cls = import_checked(str(ref), where)
+    except ImportReferenceError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not _is_metric_class(cls):
+        raise ConfigError(f"{where}: {ref!r} is not a metric class (update, compute, reset)")
+    problem = kwargs_problem(cls, {**kwargs}, f"{where}.kwargs", first=False)
+    if problem:
+        raise ConfigError(problem)
+    return cls(**kwargs)
+
+
 def _resolve_metric_refs(spec: Any) -> Any:
     """Turn 'package.module:fn' strings inside a metric spec into callables (names stay names)."""
 
     def one(value: Any, where: str) -> Any:
+        if isinstance(value, Mapping) and set(value) <= {"class", "kwargs"} and "class" in value:
+            # A job file's {class: 'torchmetrics.classification:BinaryAUROC', kwargs: {...}}
+            return _metric_instance(value["class"], dict(value.get("kwargs") or {}), where)
         if isinstance(value, str) and ":" in value:
-            return resolve_callable(value, where)
+            found = resolve_callable(value, where)
+            return _metric_instance(value, {}, where) if _is_metric_class(found) else found
         return value
 
     if isinstance(spec, Mapping):

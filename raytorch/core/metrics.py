@@ -298,6 +298,14 @@ def _one(item: Any, name: str | None, where: str, problems: list[str]) -> Metric
         cls = item.__name__
         problems.append(f"{where} is the class {cls}; pass an instance: {cls}()")
         return None
+    from raytorch.core.external_metrics import ExternalMetric, is_metric_class, is_metric_object
+
+    if is_metric_object(item):
+        return ExternalMetric(item, name)
+    if is_metric_class(item):
+        cls = item.__name__
+        problems.append(f"{where} is the class {cls}; pass an instance: {cls}(...)")
+        return None
     if isinstance(item, Metric):
         if name is None or name == item.name:
             return item
@@ -436,7 +444,8 @@ class MetricAccumulator:
             if not isinstance(m, Metric):
                 problems.append(f"{m!r} is not a raytorch.metrics.Metric; use resolve_metrics()")
                 continue
-            if not isinstance(m.state_size, int) or m.state_size < 1:
+            external = m.state_size == 0 and callable(getattr(m, "reset", None))
+            if not isinstance(m.state_size, int) or (m.state_size < 1 and not external):
                 problems.append(f"metric {name!r}: state_size={m.state_size!r} must be an int >= 1")
             if names.count(name) > 1:
                 problems.append(f"metric name {name!r} appears twice or more; names must be unique")
@@ -474,7 +483,8 @@ class MetricAccumulator:
                     f"it must return a 1-D tensor of state_size={metric.state_size} values"
                 )
             # a user Metric may return float32 or a GPU tensor; .to() is free for the built-ins
-            parts.append(contribution.to(device="cpu", dtype=_F64))
+            if metric.state_size:
+                parts.append(contribution.to(device="cpu", dtype=_F64))
         if parts:
             # one add of the whole vector: slice-adds per metric cost more than the metrics
             self._state.add_(torch.cat(parts))
@@ -486,6 +496,9 @@ class MetricAccumulator:
     def reset(self) -> None:
         """Forget all batches (start of a new validation pass or logging window)."""
         self._state.zero_()
+        for metric in self.metrics:
+            if metric.state_size == 0:  # a metric object with its own state (torchmetrics)
+                metric.reset()  # type: ignore[attr-defined]
 
     def compute(self, state: torch.Tensor | None = None, prefix: str = "valid") -> dict[str, float]:
         """Each metric's value, keyed ``f"{prefix}/{name}"`` (bare names when prefix is empty).

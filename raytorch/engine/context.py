@@ -56,6 +56,10 @@ class WorkerContext:
         """The element-wise sum of ``tensor`` over all ranks."""
         return tensor
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order (called on all ranks at the same point)."""
+        return [obj]
+
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         """Called on every rank at every validation (same count everywhere)."""
 

@@ -48,7 +48,9 @@ from raytorch.core.metrics import MetricAccumulator
 from raytorch.core.pytree import count_rows, tensors_to_cpu, to_device
 from raytorch.core.stopping import Decision, StopperState, StopReason, step
 from raytorch.engine.context import Batch, LoopResult, WorkerContext, _equal_steps
+from raytorch.engine.recipe import Recipe
 from raytorch.engine.rng import rng_state, seed_everything, set_rng_state
+from raytorch.engine.steps import ScalarLogs, agree_on_keys, custom_step, split_step_output
 
 logger = logging.getLogger("raytorch")
 
@@ -85,7 +87,8 @@ def _wrap_ddp(model: Any, module: torch.nn.Module, device: torch.device) -> Call
     import torch.distributed as dist
 
     method = getattr(model, "train_forward_method", "__call__")
-    if method in ("__call__", "forward"):
+    # A custom training_step calls the module's parts itself, past DDP's forward hooks.
+    if method in ("__call__", "forward") and custom_step(module, "training_step") is None:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
@@ -144,6 +147,10 @@ class _Loop:
         self.message = ""
         self.restarts: list[dict[str, Any]] = []
         self.shapes_checked = False  # outputs vs targets, on the first batch
+        # The module's own training_step / validation_step, and what they log.
+        self.training_step = custom_step(model.object, "training_step")
+        self.validation_step = custom_step(model.object, "validation_step")
+        self.train_logs, self.valid_logs = ScalarLogs(), ScalarLogs()
         self.first_step_time = 0.0
         # Steady state for benchmarks: from the end of the first step, validation time excluded.
         self.steady_start: float | None = None
@@ -191,6 +198,8 @@ class _Loop:
         opt_state = cfg.optimizer_state or getattr(model, "optimizer_state", None)
         if opt_state:
             self.optimizer.load_state_dict(opt_state)
+        # Checks precision against this worker's device: fails here, before any training.
+        self.recipe = Recipe(cfg, self.module, self.optimizer, self.device)
         self._reset_train_window()
         restored = ctx.restored_checkpoint()
         if restored is not None:
@@ -209,7 +218,7 @@ class _Loop:
             "format": RESUME_FORMAT,
             "model": tensors_to_cpu(self.module.state_dict()),
             "optimizer": tensors_to_cpu(self.optimizer.state_dict()),
-            "scheduler": None,  # no learning-rate scheduler in TrainerConfig yet
+            "recipe": self.recipe.state_dict(),  # schedule, gradient scaler, accumulation
             "rng": rng_state(),
             "data": {
                 "epoch": self.epoch,
@@ -244,16 +253,31 @@ class _Loop:
             )
         history = set(payload.get("history") or {})
         expected = {"iteration", "epoch", *self._metric_keys()}
-        if history and history != expected:
+        custom = self.training_step is not None or self.validation_step is not None
+        if history and not custom and history != expected:
             raise CheckpointError(
                 f"the checkpoint's history has {sorted(history - expected) or 'no'} metric(s) this "
                 f"run does not compute and lacks {sorted(expected - history) or 'none'}; resume "
                 "with the same metrics (metric_values, measures_train/valid) or start a new run"
             )
 
+    def _append_history(self, row: dict[str, float]) -> None:
+        """One entry per validation for every key: a key first logged later (a custom step's)
+        gets NaN for the validations before, a key missing now gets NaN now."""
+        done = len(self.history.get("iteration", []))
+        for key in row:
+            if key not in self.history:
+                self.history[key] = [math.nan] * done
+        for key, values in self.history.items():
+            values.append(row.get(key, math.nan))
+
     def _metric_keys(self) -> list[str]:
         names = self.train_names if self.train_acc is not None else ["objective"]
-        return [f"train/{n}" for n in names] + [f"valid/{n}" for n in self.valid_acc.names]
+        keys = [f"train/{n}" for n in names] + [f"valid/{n}" for n in self.valid_acc.names]
+        if self._records_lr:
+            groups = len(self.optimizer.param_groups)
+            keys += ["train/lr", *([f"train/lr_{i}" for i in range(groups)] if groups > 1 else [])]
+        return keys
 
     def _restore(self, payload: dict[str, Any]) -> None:
         self._check_compatible(payload)
@@ -270,13 +294,16 @@ class _Loop:
         self.samples = int(payload.get("samples", 0))
         self.validations = int(payload.get("validations", 0))
         self.best_state = payload.get("best_model")
+        self.recipe.load_state_dict(payload.get("recipe"))
         self.restarts = [dict(r) for r in payload.get("restarts") or []]
         if self.ctx.restart_reason is not None:
             self.restarts.append({"iteration": self.iteration, "reason": self.ctx.restart_reason})
         stopped = payload.get("stopped")
         if stopped:
             self.reason, self.message = StopReason(stopped["reason"]), str(stopped["message"])
-        set_rng_state(payload["rng"])
+        ranks = payload.get("rng_ranks") or []
+        same_group = len(ranks) == self.ctx.world_size
+        set_rng_state(ranks[self.ctx.rank] if same_group else payload["rng"])
         self.ctx.progress(
             f"resumed from a checkpoint at iteration {self.iteration} (epoch {self.epoch}, "
             f"batch {self.step_in_epoch} of it)"
@@ -331,27 +358,39 @@ class _Loop:
             return same_kind(exc, message)
         return TrainingError(message, exc)
 
-    def train_step(self, batch: Batch) -> None:
+    def train_step(self, batch: Batch) -> bool:
+        """One micro-batch; True when it completed an optimizer step."""
         try:
-            self._train_step(batch)
+            return self._train_step(batch)
         except TrainingError:
             raise
         except Exception as exc:
             raise self._failure(exc, "train") from exc
 
-    def _train_step(self, batch: Batch) -> None:
+    def _train_step(self, batch: Batch) -> bool:
         inputs, targets = self._split(batch)
-        outputs = self.model.train_forward(inputs)
-        loss = self._loss(outputs, targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.after_backward()
-        self.optimizer.step()
+        outputs = None
+        with self.recipe.autocast():
+            if self.training_step is not None:
+                raw, logs = split_step_output(
+                    self.training_step((inputs, targets), self.step_in_epoch - 1), "training_step"
+                )
+                if raw is None:
+                    raise ConfigError("training_step returned no 'loss'; return it to train on")
+                loss = raw
+                self.train_logs.add(logs, count_rows(targets))
+            else:
+                outputs = self.model.train_forward(inputs)
+                loss = self._loss(outputs, targets)
+        stepped = self.recipe.backward(loss, self.model)
+        if stepped:
+            self.recipe.step(self.after_backward)
         rows = count_rows(targets)
         self.loss_sum += loss.detach().to(torch.float64) * rows
         self.rows_seen += rows
-        if self.train_acc is not None:
+        if self.train_acc is not None and outputs is not None:
             self.train_acc.update(outputs, targets, loss.detach())
+        return stepped
 
     def _train_state(self) -> torch.Tensor:
         if self.train_acc is not None:
@@ -365,9 +404,12 @@ class _Loop:
         self.valid_acc.reset()
         self.module.eval()
         try:
-            with torch.no_grad(), _Unwrapped(self.model, self.module):
-                for batch in self.ctx.valid_batches():
+            with torch.no_grad(), self.recipe.autocast(), _Unwrapped(self.model, self.module):
+                for index, batch in enumerate(self.ctx.valid_batches()):
                     inputs, targets = self._split(batch)
+                    if self.validation_step is not None:
+                        self._custom_validation(inputs, targets, index)
+                        continue
                     outputs = self.model.train_forward(inputs)
                     loss = self._loss(outputs, targets)
                     self.valid_acc.update(outputs, targets, loss)
@@ -376,16 +418,46 @@ class _Loop:
         finally:
             self.module.train()
         train_state = self._train_state()
-        merged = self.ctx.all_reduce_sum(torch.cat([train_state, self.valid_acc.state()]))
-        n_train = train_state.numel()
+        train_keys, valid_keys = self.train_logs.keys(), self.valid_logs.keys()
+        agree_on_keys([*train_keys, "|", *valid_keys], self.ctx.all_reduce_sum, self.ctx.world_size)
+        # One all-reduce for every state: train, valid metrics, and the custom steps' logs.
+        parts = [
+            train_state,
+            self.valid_acc.state(),
+            self.train_logs.state(train_keys),
+            self.valid_logs.state(valid_keys),
+        ]
+        merged = self.ctx.all_reduce_sum(torch.cat(parts))
+        a, b, c = (sum(p.numel() for p in parts[:i]) for i in (1, 2, 3))
         if self.train_acc is not None:
-            values = self.train_acc.compute(merged[:n_train], prefix="train")
+            values = self.train_acc.compute(merged[:a], prefix="train")
         else:
             s, n = float(merged[0]), float(merged[1])
             values = {"train/objective": s / n if n > 0 else math.nan}
-        values.update(self.valid_acc.compute(merged[n_train:], prefix="valid"))
+        if self.validation_step is None:
+            values.update(self.valid_acc.compute(merged[a:b], prefix="valid"))
+        values.update(self.train_logs.compute(merged[b:c], train_keys, "train"))
+        values.update(self.valid_logs.compute(merged[c:], valid_keys, "valid"))
+        self.train_logs.reset()
+        self.valid_logs.reset()
+        if self._records_lr:
+            values.update(self.recipe.learning_rates())
         self._reset_train_window()
         return values
+
+    def _custom_validation(self, inputs: Any, targets: Any, index: int) -> None:
+        assert self.validation_step is not None
+        loss, logs = split_step_output(
+            self.validation_step((inputs, targets), index), "validation_step"
+        )
+        if loss is not None:
+            logs = {"objective": loss.detach().reshape(()), **logs}
+        self.valid_logs.add(logs, count_rows(targets if targets is not None else inputs))
+
+    @property
+    def _records_lr(self) -> bool:
+        """The learning rate changes (a schedule or warmup), so the history records it."""
+        return self.cfg.lr_scheduler is not None or self.cfg.warmup_iterations > 0
 
     def validate_and_decide(self) -> bool:
         """Validate, record the history, apply the stopping rule; True means stop now."""
@@ -395,11 +467,16 @@ class _Loop:
             self.valid_s += time.perf_counter() - started
         self.last_validated = self.iteration
         row = {"iteration": float(self.iteration), "epoch": float(self.epoch), **values}
-        for key, value in row.items():
-            self.history.setdefault(key, []).append(value)
+        if self.stop_cfg.key not in row:
+            raise ConfigError(
+                f"listen={self.stop_cfg.key!r} was not computed at iteration {self.iteration}; "
+                f"computed: {sorted(k for k in row if '/' in k)} (a custom step must log it)"
+            )
+        self._append_history(row)
         self.stopper, decision = step(
             self.stop_cfg, self.stopper, values[self.stop_cfg.key], self.iteration
         )
+        self.recipe.validated(values[self.stop_cfg.key])  # ReduceLROnPlateau's input
         if decision.improved:
             self.best_state = tensors_to_cpu(self.module.state_dict())
         stop = decision.stop
@@ -435,9 +512,13 @@ class _Loop:
         checkpoint_dir = None
         metrics = {"iteration": self.iteration, "epoch": self.epoch, **values}
         every = self.ctx.checkpoint_every
-        if every and self.ctx.rank == 0 and self.validations % every == 0:
-            checkpoint_dir = Path(tempfile.mkdtemp(prefix="raytorch-ckpt-"))
-            write_resume_dir(checkpoint_dir, self.payload())
+        if every and self.validations % every == 0:
+            # Every rank's RNG state goes into rank 0's checkpoint (the same validations on all
+            # ranks), so each rank resumes exactly where it was.
+            rng_ranks = self.ctx.all_gather_object(rng_state())
+            if self.ctx.rank == 0:
+                checkpoint_dir = Path(tempfile.mkdtemp(prefix="raytorch-ckpt-"))
+                write_resume_dir(checkpoint_dir, {**self.payload(), "rng_ranks": rng_ranks})
         try:
             self.ctx.report(metrics, checkpoint_dir)
         finally:
@@ -459,7 +540,6 @@ class _Loop:
     def run(self) -> LoopResult:
         cfg = self.cfg
         max_it = cfg.max_iterations
-        interval = cfg.interval
         self.module.train()
         if self.reason is not StopReason.NOT_STOPPED:  # resumed from a run that had stopped
             self.ctx.progress(f"the checkpoint's run had stopped ({self.message}); not training")
@@ -468,6 +548,7 @@ class _Loop:
             return self._finish()
         if self.ctx.world_size > 1:  # only now: a run that stops at iteration 0 never syncs grads
             self.after_backward = _wrap_ddp(self.model, self.module, self.device)
+        self._compile()
         start = time.perf_counter()
         self.first_step_time = time.time()
         while True:
@@ -479,28 +560,7 @@ class _Loop:
                 self.reason = StopReason.MAX_ITERATIONS
                 self.message = f"reached max_iterations={max_it}"
                 break
-            # After a resume, the first epoch skips the batches the checkpoint had trained on.
-            skip, self.resume_skip = self.resume_skip, 0
-            self.step_in_epoch = 0
-            stop = False
-            for batch in _equal_steps(self.ctx, self.ctx.train_batches(self.epoch)):
-                self.step_in_epoch += 1
-                if skip:
-                    skip -= 1
-                    continue
-                self.train_step(batch)
-                rows = count_rows(batch[1] if batch[1] is not None else batch[0])
-                self.samples += rows
-                self.iteration += 1
-                if self.steady_start is None:
-                    self.steady_start, self.first_rows = time.perf_counter(), rows
-                    self.steady_from = self.iteration
-                if max_it is not None and self.iteration >= max_it:
-                    break
-                if interval and self.iteration % interval == 0 and self.validate_and_decide():
-                    stop = True
-                    break
-            if stop:
+            if self._train_epoch():
                 break
             if self.step_in_epoch == 0:
                 raise RuntimeError(
@@ -509,6 +569,7 @@ class _Loop:
                     "drop_last=True"
                 )
             if max_it is None or self.iteration < max_it:
+                self.recipe.end_epoch()
                 self.epoch += 1
                 self.step_in_epoch = 0
                 if cfg.eval_freq and self.epoch % cfg.eval_freq == 0 and self.validate_and_decide():
@@ -524,12 +585,62 @@ class _Loop:
             self.steady_s = end - self.steady_start - self.valid_s
         return self._finish()
 
+    def _train_epoch(self) -> bool:
+        """The rest of this epoch (all of it, unless resuming mid-epoch); True: stop training.
+
+        Each batch is a micro-batch; ``iteration`` counts optimizer steps. An epoch that ends
+        mid-step takes its last step with the micro-batches it has (all ranks alike).
+        """
+        max_it = self.cfg.max_iterations
+        # After a resume, the first epoch skips the batches the checkpoint had trained on.
+        skip, self.resume_skip = self.resume_skip, 0
+        self.step_in_epoch = 0
+        for batch in _equal_steps(self.ctx, self.ctx.train_batches(self.epoch)):
+            self.step_in_epoch += 1
+            if skip:
+                skip -= 1
+                continue
+            stepped = self.train_step(batch)
+            rows = count_rows(batch[1] if batch[1] is not None else batch[0])
+            self.samples += rows
+            if stepped and self._after_step(rows):
+                return self.reason is not StopReason.NOT_STOPPED
+            if max_it is not None and self.iteration >= max_it:
+                return False
+        if self.recipe.pending:
+            try:
+                self.recipe.step(self.after_backward)
+            except Exception as exc:
+                raise self._failure(exc, "train") from exc
+            if self._after_step(0):
+                return self.reason is not StopReason.NOT_STOPPED
+        return False
+
+    def _after_step(self, rows: int) -> bool:
+        """Count an optimizer step; True when the bound is reached or a validation stopped."""
+        self.iteration += 1
+        if self.steady_start is None:
+            self.steady_start, self.first_rows = time.perf_counter(), rows
+            self.steady_from = self.iteration
+        max_it, interval = self.cfg.max_iterations, self.cfg.interval
+        if max_it is not None and self.iteration >= max_it:
+            return True
+        return bool(interval and self.iteration % interval == 0 and self.validate_and_decide())
+
+    def _compile(self) -> None:
+        """``torch.compile`` the module used for training forward passes (the plain module keeps
+        its state dict keys: a compiled run's checkpoints load anywhere)."""
+        if not self.cfg.compile:
+            return
+        kwargs = self.cfg.compile if isinstance(self.cfg.compile, dict) else {}
+        self.model.object = torch.compile(self.model.object, **kwargs)
+
     def _finish(self) -> LoopResult:
         if not hasattr(self, "train_s"):
             self.train_s = 0.0
             self.first_step_time = self.first_step_time or time.time()
+        self.model.object = self.module  # drop the DDP and compile wrappers
         if self.ctx.world_size > 1:
-            self.model.object = self.module  # drop the DDP wrapper
             total = self.ctx.all_reduce_sum(
                 torch.tensor([float(self.samples)], dtype=torch.float64)
             )

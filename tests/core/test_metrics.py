@@ -419,3 +419,29 @@ def test_states_from_cuda_tensors_are_cpu_float64_and_equal_to_cpu():
     gpu.update(lg, yg, F.cross_entropy(lg, yg))
     assert gpu.state().device.type == "cpu" and gpu.state().dtype == torch.float64
     assert gpu.compute() == pytest.approx(cpu.compute(), rel=1e-6)
+
+
+def test_torchmetrics_objects_and_references_are_metrics():
+    torchmetrics = pytest.importorskip("torchmetrics")
+    from raytorch.core.config import TrainerConfig
+    from raytorch.core.external_metrics import ExternalMetric
+
+    base = {"identifier": "t", "key": ["x", "y"], "objective": "mse", "max_iterations": 1}
+    job_style = {"f1": {"class": "torchmetrics.classification:BinaryF1Score", "kwargs": {}}}
+    cfg = TrainerConfig.model_validate({**base, "metric_values": job_style, "listen": "valid/f1"})
+    (f1,) = [m for m in cfg.metrics("valid") if m.name == "f1"]
+    assert isinstance(f1, ExternalMetric) and f1.higher_is_better is True
+    assert cfg.stopping().mode.value == "max"  # from the metric's own higher_is_better
+    user = torchmetrics.classification.BinaryAccuracy()
+    acc = MetricAccumulator(resolve_metrics({"acc": user}))
+    acc.update(torch.tensor([0.9, 0.2, 0.8]), torch.tensor([1, 0, 0]), torch.tensor(0.0))
+    assert acc.compute()["valid/acc"] == pytest.approx(2 / 3)
+    assert int(user.update_count) == 0  # the user's own object is never updated
+    acc.reset()
+    acc.update(torch.tensor([0.9]), torch.tensor([1]), torch.tensor(0.0))
+    assert acc.compute()["valid/acc"] == 1.0  # reset after each validation
+    with pytest.raises(ValueError, match=r"metric_values: .*treshold"):
+        bad = {
+            "f1": {"class": "torchmetrics.classification:BinaryF1Score", "kwargs": {"treshold": 1}}
+        }
+        TrainerConfig.model_validate({**base, "metric_values": bad})
