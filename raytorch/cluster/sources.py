@@ -54,6 +54,9 @@ def to_dataset(source: Any, field: str = "data") -> ray.data.Dataset:
             )
         if not _is_uri(source):
             check_parquet(source, field)
+            # Relative to the driver's working directory: Ray Data's readers run in worker
+            # processes whose working directory may differ (a Ray started elsewhere).
+            source = str(Path(source).resolve())
         try:
             return ray.data.read_parquet(source)
         except Exception as exc:  # object storage: a corrupt file shows only here

@@ -175,7 +175,7 @@ class TorchTrainer(TrainerConfig):
         try:
             return launch(
                 model,
-                self,
+                self.resolved(),  # references imported here; workers get the objects
                 run.plan,
                 run.shards,
                 run.train_ds,
@@ -454,5 +454,6 @@ def _evaluate(model: Any, data: Any, cfg: TrainerConfig) -> dict[str, float]:
     check_schedulable(options)
     task = ray.remote(_evaluate_task).options(max_retries=0, **options)
     as_dict = _train_forward_as_dict(model)
-    state = torch.tensor(ray.get(task.remote(model, cfg, refs, as_dict)), dtype=torch.float64)
+    resolved = cfg.resolved()  # references imported here; the task gets the objects
+    state = torch.tensor(ray.get(task.remote(model, resolved, refs, as_dict)), dtype=torch.float64)
     return MetricAccumulator(cfg.metrics("valid")).compute(state, prefix="test")

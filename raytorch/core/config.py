@@ -46,6 +46,8 @@ def objective_shape_problem(objective: Any, outputs: Any, targets: Any) -> str |
     ... # doctest: +ELLIPSIS
     objective='mse': the model's outputs have shape (4, 1) but the targets (4,); ...
     """
+    if not isinstance(objective, str):  # a built-in given as (or resolved to) its function
+        objective = next((k for k, fn in OBJECTIVES.items() if fn is objective), None)
     if objective not in ELEMENTWISE_OBJECTIVES:
         return None
     if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
@@ -532,6 +534,35 @@ class TrainerConfig(BaseModel):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def resolved(self) -> TrainerConfig:
+        """A copy with every import reference replaced by what it names, imported here on the
+        driver: Ray workers then get the objects (job modules travel pickled by value) and never
+        need to import a job's modules by name."""
+        loader = self.loader_kwargs.model_copy(
+            update={
+                "collate_fn": resolve_callable(
+                    self.loader_kwargs.collate_fn, "loader_kwargs.collate_fn"
+                ),
+                "worker_init_fn": resolve_callable(
+                    self.loader_kwargs.worker_init_fn, "loader_kwargs.worker_init_fn"
+                ),
+            }
+        )
+        scheduler = None if self.lr_scheduler is None else resolve_scheduler(self.lr_scheduler)
+        return self.model_copy(
+            update={
+                "objective": resolve_objective(self),
+                "transform": resolve_callable(self.transform, "transform"),
+                "collate_fn": resolve_callable(self.collate_fn, "collate_fn"),
+                "optimizer_cls": resolve_optimizer(self.optimizer_cls),
+                "lr_scheduler": scheduler,
+                "metric_values": _resolve_metric_refs(self.metric_values),
+                "measures_train": _resolve_metric_refs(self.measures_train),
+                "measures_valid": _resolve_metric_refs(self.measures_valid),
+                "loader_kwargs": loader,
+            }
+        )
 
     def _recipe_problems(self) -> list[str]:
         """The schedule and its kwargs, checked without building anything."""

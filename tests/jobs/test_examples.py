@@ -128,3 +128,43 @@ def test_driver_smoke(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "final valid/accuracy" in done.stdout
     assert "prediction: 2000 of 2000 rows written" in done.stdout
+
+
+@pytest.mark.slow
+def test_train_images_smoke(tmp_path: Path, ray_local, monkeypatch) -> None:
+    # PNG bytes in parquet, decoded and augmented in a Ray Data transform, streamed to 2 workers
+    # with the whole recipe (warmup + cosine, bf16, clipping, a torchmetrics F1).
+    monkeypatch.chdir(tmp_path)  # the job writes its parquet under ./data/images
+    job = load_job(
+        JOBS / "train_images.yaml",
+        ["data.rows=192", "trainer.max_iterations=6", "trainer.validation_interval=3",
+         "trainer.warmup_iterations=2", f"trainer.storage_path={tmp_path / 'runs'}"],
+    )  # fmt: skip
+    result = run_train(job)
+    assert result.stopped_iteration == 6 and result.status.value == "completed"
+    assert set(result.history) >= {"valid/accuracy", "valid/f1", "train/lr"}
+    assert all(0.0 <= v <= 1.0 for v in result.history["valid/f1"])
+
+
+@pytest.mark.slow
+def test_train_then_score_charlm_smoke(tmp_path: Path, ray_local, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    job = load_job(
+        JOBS / "train_charlm.yaml",
+        ["data.train.kwargs.rows=256", "data.valid.kwargs.rows=64", "trainer.max_iterations=4",
+         "trainer.validation_interval=2", "trainer.warmup_iterations=2",
+         "model.kwargs.d_model=32", "model.kwargs.layers=1", f"trainer.storage_path={tmp_path}"],
+    )  # fmt: skip
+    result = run_train(job)
+    start, end = result.history["valid/objective"][0], result.history["valid/objective"][-1]
+    assert start == pytest.approx(np.log(128), rel=0.1) and end < start
+    best = Path(result.run_dir) / "checkpoints" / "best"
+    scored = load_job(
+        JOBS / "predict_charlm.yaml",
+        [f"model.path={best}", "data.kwargs.rows=100", f"output.dir={tmp_path / 'scores'}"],
+    )
+    summary = run_predict(scored)
+    assert summary.rows_written == 100
+    (run_dir,) = (tmp_path / "scores").iterdir()
+    scores = pq.read_table(run_dir / "predictions").column("prediction").to_numpy()
+    assert scores.shape == (100,) and np.all((scores > 0) & (scores < 2 * np.log(128)))
