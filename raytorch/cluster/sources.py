@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from raytorch.core.config import Layout
 from raytorch.core.errors import DataError
+from raytorch.core.layout import Layout
 from raytorch.engine.arrow import to_table
 from raytorch.engine.tables import ArrowCollate, RowMap, check_parquet
 

@@ -25,8 +25,9 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from raytorch.core.config import TrainerConfig, resolve_callable, resolve_objective
+from raytorch.core.config import TrainerConfig, resolve_objective
 from raytorch.core.progress import show_progress
+from raytorch.core.resolve import resolve_callable
 from raytorch.core.resources import WorkerPlan
 from raytorch.engine.context import LoopResult
 from raytorch.engine.runs import (

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from raytorch.cluster.compat import quiet_ray_data_here
-from raytorch.core.config import Layout, TrainerConfig, resolve_callable
+from raytorch.core.config import TrainerConfig
+from raytorch.core.layout import Layout
+from raytorch.core.resolve import resolve_callable
 from raytorch.engine.context import Batch, LoopResult, TensorBatches, WorkerContext
 from raytorch.engine.loop import run_loop
 from raytorch.engine.tables import check_finite

@@ -8,68 +8,26 @@ and ``evaluate`` on top; a YAML dict validates through either with ``model_valid
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raytorch.core.errors import ConfigError, ImportReferenceError
-from raytorch.core.references import import_checked, import_reference
+from raytorch.core.errors import ConfigError
+from raytorch.core.layout import Layout
+from raytorch.core.resolve import (
+    OBJECTIVES,
+    _close,
+    _resolve_metric_refs,
+    kwargs_problem,
+    resolve_callable,
+    resolve_optimizer,
+    resolve_scheduler,
+)
 from raytorch.core.resources import ComputeKwargs
 from raytorch.core.signature import SIGNATURES, Signature
 from raytorch.core.stopping import EarlyStopping, Mode, default_mode, unknown_mode_message
-
-# Built-in objectives by name, so a job file can say objective: cross_entropy.
-OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
-    "cross_entropy": torch.nn.functional.cross_entropy,
-    "mse": torch.nn.functional.mse_loss,
-    "l1": torch.nn.functional.l1_loss,
-    "smooth_l1": torch.nn.functional.smooth_l1_loss,
-    "bce_with_logits": torch.nn.functional.binary_cross_entropy_with_logits,
-    "nll": torch.nn.functional.nll_loss,
-}
-
-# Built-in objectives computed element by element: outputs and targets must have one shape, or
-# torch broadcasts them ([N, 1] against [N] gives [N, N]) into a loss that means nothing.
-ELEMENTWISE_OBJECTIVES = ("mse", "l1", "smooth_l1", "bce_with_logits")
-
-
-def objective_shape_problem(objective: Any, outputs: Any, targets: Any) -> str | None:
-    """Why a built-in element-wise objective cannot compare ``outputs`` and ``targets``, or None.
-
-    >>> import torch
-    >>> print(objective_shape_problem("mse", torch.zeros(4, 1), torch.zeros(4)))
-    ... # doctest: +ELLIPSIS
-    objective='mse': the model's outputs have shape (4, 1) but the targets (4,); ...
-    """
-    if not isinstance(objective, str):  # a built-in given as (or resolved to) its function
-        objective = next((k for k, fn in OBJECTIVES.items() if fn is objective), None)
-    if objective not in ELEMENTWISE_OBJECTIVES:
-        return None
-    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
-        return None
-    if outputs.shape == targets.shape:
-        return None
-    try:
-        broadcast = (
-            f"they would broadcast to {tuple(torch.broadcast_shapes(outputs.shape, targets.shape))}"
-        )
-    except RuntimeError:
-        broadcast = "they do not match"
-    fix = (
-        "return outputs.squeeze(-1) from the model's forward (or reshape the target column)"
-        if outputs.ndim == targets.ndim + 1 and outputs.shape[-1] == 1
-        else "make the model output one value per target element (same shape as the targets)"
-    )
-    return (
-        f"objective={objective!r}: the model's outputs have shape {tuple(outputs.shape)} but the "
-        f"targets {tuple(targets.shape)}; {broadcast} and the loss would mean nothing; {fix}"
-    )
-
 
 # Keys from SuperDuperDB, mlr3torch or torch's DataLoader that raytorch replaces: key -> the fix.
 _REPLACED = {
@@ -116,140 +74,12 @@ _POSITIVE = (
 )
 
 
-def _close(name: str, choices: list[str]) -> str:
-    matches = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    return f"did you mean {', '.join(repr(m) for m in matches)}? " if matches else ""
-
-
-def resolve_callable(
-    value: Any, field: str, builtins: Mapping[str, Callable[..., Any]] | None = None
-) -> Callable[..., Any] | None:
-    """A callable field's value: a callable, a built-in name, or an import reference 'pkg.mod:fn'.
-
-    Raises:
-        ConfigError: the string is neither a built-in name nor an importable reference, or the
-            object is not callable.
-    """
-    if value is None or callable(value):
-        return value
-    if isinstance(value, str):
-        if builtins and value in builtins:
-            return builtins[value]
-        if ":" in value:
-            try:
-                found = import_reference(value, field=field)
-            except ImportReferenceError as exc:
-                raise ConfigError(str(exc)) from exc
-            if not callable(found):
-                raise ConfigError(
-                    f"{field}={value!r} names a {type(found).__name__}, not a callable"
-                )
-            return found
-        names = sorted(builtins) if builtins else []
-        choices = f"a built-in name ({', '.join(names)}) or " if names else ""
-        raise ConfigError(
-            f"{field}={value!r} is not a callable; {_close(value, names)}use {choices}"
-            "an import reference 'package.module:function'"
-        )
-    raise ConfigError(
-        f"{field}={value!r} is a {type(value).__name__}; pass a callable or a string reference"
-    )
-
-
 def resolve_objective(cfg: TrainerConfig) -> Callable[..., Any]:
     """The objective of ``cfg`` as a callable (built-in name, reference or callable)."""
     objective = resolve_callable(cfg.objective, "objective", OBJECTIVES)
     if objective is None:
         raise ConfigError("objective is None; give a loss function, e.g. objective='cross_entropy'")
     return objective
-
-
-def kwargs_problem(
-    cls: Any, kwargs: Mapping[str, Any], field: str, first: bool = True
-) -> str | None:
-    """Why ``cls(<first argument>, **kwargs)`` (``first``) or ``cls(**kwargs)`` would be
-    refused, checked without calling it."""
-    try:
-        signature = inspect.signature(cls)
-    except (TypeError, ValueError):
-        return None
-    names = [p for p in signature.parameters if p not in ("self", "params", "optimizer")]
-    try:
-        signature.bind(*([None] if first else []), **kwargs)
-    except TypeError as exc:
-        unknown = [k for k in kwargs if k not in signature.parameters]
-        hints = [
-            f"{k!r} (did you mean {m[0]!r}?)" if m else repr(k)
-            for k in unknown
-            for m in [difflib.get_close_matches(k, names, n=1)]
-        ]
-        name = getattr(cls, "__name__", cls)
-        what = f"does not accept unknown {', '.join(hints)}" if hints else f"needs more: {exc}"
-        return f"{field}: {name} {what}; it takes {', '.join(names)}"
-    return None
-
-
-def resolve_scheduler(spec: Any, field: str = "lr_scheduler") -> Any:
-    """A learning-rate scheduler class for a torch.optim.lr_scheduler name ("CosineAnnealingLR"),
-    an import reference, or a callable ``optimizer -> scheduler``.
-
-    Raises:
-        ConfigError: unknown name, listing close matches among torch's schedulers.
-    """
-    base = torch.optim.lr_scheduler.LRScheduler
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
-    if isinstance(spec, type) and issubclass(spec, (base, plateau)):
-        return spec
-    if callable(spec) and not isinstance(spec, type):
-        return spec
-    if isinstance(spec, str) and ":" in spec:
-        found = resolve_callable(spec, field)
-        if isinstance(found, type) and not issubclass(found, (base, plateau)):
-            raise ConfigError(f"{field}={spec!r} is not a learning-rate scheduler class")
-        return found
-    choices = sorted(
-        n
-        for n, obj in vars(torch.optim.lr_scheduler).items()
-        if isinstance(obj, type)
-        and issubclass(obj, (base, plateau))
-        and obj not in (base, torch.optim.lr_scheduler._LRScheduler)
-        and not n.startswith("_")
-    )
-    if isinstance(spec, str) and spec in choices:
-        return getattr(torch.optim.lr_scheduler, spec)
-    hint = _close(str(spec), choices)
-    raise ConfigError(
-        f"{field}={spec!r} is not a scheduler in torch.optim.lr_scheduler; {hint}choose one of "
-        f"{', '.join(choices)}, give an import reference 'package.module:Class', or a callable "
-        "optimizer -> scheduler"
-    )
-
-
-def resolve_optimizer(name: Any, field: str = "optimizer_cls") -> type[torch.optim.Optimizer]:
-    """The optimizer class for a torch.optim name ("AdamW") or an import reference.
-
-    Raises:
-        ConfigError: unknown name, listing close matches among torch.optim's optimizers.
-    """
-    if isinstance(name, type) and issubclass(name, torch.optim.Optimizer):
-        return name
-    if isinstance(name, str) and ":" in name:
-        found = resolve_callable(name, field)
-        if isinstance(found, type) and issubclass(found, torch.optim.Optimizer):
-            return found
-        raise ConfigError(f"{field}={name!r} is not a torch.optim.Optimizer subclass")
-    choices = sorted(
-        n
-        for n, obj in vars(torch.optim).items()
-        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and n != "Optimizer"
-    )
-    if isinstance(name, str) and name in choices:
-        return getattr(torch.optim, name)
-    hint = _close(str(name), choices)
-    raise ConfigError(
-        f"{field}={name!r} is not an optimizer in torch.optim; {hint}choose one of "
-        f"{', '.join(choices)}, or give an import reference 'package.module:Class'"
-    )
 
 
 class LoaderOptions(BaseModel):
@@ -691,86 +521,6 @@ class TrainerConfig(BaseModel):
     @property
     def batch_size(self) -> int:
         return self.loader_kwargs.batch_size
-
-
-def _is_metric_class(value: Any) -> bool:
-    from raytorch.core.external_metrics import is_metric_class
-
-    return is_metric_class(value)
-
-
-def _metric_instance(ref: Any, kwargs: dict[str, Any], where: str) -> Any:
-    """A metric object built from an import reference of its class (checked before the call)."""
-    try:
-        cls = import_checked(str(ref), where)
-    except ImportReferenceError as exc:
-        raise ConfigError(str(exc)) from exc
-    if not _is_metric_class(cls):
-        raise ConfigError(f"{where}: {ref!r} is not a metric class (update, compute, reset)")
-    problem = kwargs_problem(cls, {**kwargs}, f"{where}.kwargs", first=False)
-    if problem:
-        raise ConfigError(problem)
-    return cls(**kwargs)
-
-
-def _resolve_metric_refs(spec: Any) -> Any:
-    """Turn 'package.module:fn' strings inside a metric spec into callables (names stay names)."""
-
-    def one(value: Any, where: str) -> Any:
-        if isinstance(value, Mapping) and set(value) <= {"class", "kwargs"} and "class" in value:
-            # A job file's {class: 'torchmetrics.classification:BinaryAUROC', kwargs: {...}}
-            return _metric_instance(value["class"], dict(value.get("kwargs") or {}), where)
-        if isinstance(value, str) and ":" in value:
-            found = resolve_callable(value, where)
-            return _metric_instance(value, {}, where) if _is_metric_class(found) else found
-        return value
-
-    if isinstance(spec, Mapping):
-        return {k: one(v, f"metric_values.{k}") for k, v in spec.items()}
-    if isinstance(spec, (list, tuple)):
-        return [one(v, f"metric_values[{i}]") for i, v in enumerate(spec)]
-    return one(spec, "metric_values")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Which columns are inputs and which is the target; pure and picklable.
-
-    ``inputs`` lists the input columns; ``multi`` is True when the key named a list of them (so
-    the forward gets a tuple or dict even for one column); ``target`` is None when self-supervised.
-    """
-
-    inputs: tuple[str, ...]
-    target: str | None
-    multi: bool = False
-
-    @classmethod
-    def from_key(cls, key: Any) -> Layout:
-        """Parse ``key``: ``'x'``, ``('x', 'y')``, ``(['a', 'b'], 'y')`` (lists from YAML too)."""
-        fix = "use 'x' (self-supervised), ('x', 'y') or (['a', 'b'], 'y')"
-        if isinstance(key, str) and key:
-            return cls((key,), None)
-        if not isinstance(key, (list, tuple)) or len(key) != 2:
-            raise ConfigError(f"key={key!r} is not a key; {fix}")
-        inputs, target = key
-        if isinstance(inputs, str):
-            cols, multi = (inputs,), False
-        elif (
-            isinstance(inputs, (list, tuple)) and inputs and all(isinstance(c, str) for c in inputs)
-        ):
-            cols, multi = tuple(inputs), True
-        else:
-            raise ConfigError(f"key={key!r}: the inputs {inputs!r} are not column names; {fix}")
-        if target is not None and not isinstance(target, str):
-            raise ConfigError(f"key={key!r}: the target {target!r} is not a column name; {fix}")
-        if target is not None and target in cols:
-            raise ConfigError(f"key={key!r}: column {target!r} is both an input and the target")
-        return cls(cols, target, multi)
-
-    @property
-    def columns(self) -> list[str]:
-        """Every column read from the data, inputs first."""
-        return [*self.inputs, *([self.target] if self.target else [])]
 
 
 SIGNATURE_CHOICES = SIGNATURES

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,15 +26,8 @@ from typing import Any
 
 import torch
 
-from raytorch.core.config import (
-    TrainerConfig,
-    objective_shape_problem,
-    resolve_callable,
-    resolve_objective,
-    resolve_optimizer,
-)
+from raytorch.core.config import TrainerConfig, resolve_objective
 from raytorch.core.errors import (
-    CheckpointError,
     ConfigError,
     ModelError,
     RaytorchError,
@@ -46,81 +37,19 @@ from raytorch.core.errors import (
 )
 from raytorch.core.metrics import MetricAccumulator
 from raytorch.core.pytree import count_rows, tensors_to_cpu, to_device
+from raytorch.core.resolve import objective_shape_problem, resolve_callable, resolve_optimizer
 from raytorch.core.stopping import Decision, StopperState, StopReason, step
 from raytorch.engine.context import Batch, LoopResult, WorkerContext, _equal_steps
+from raytorch.engine.ddp import _device_of, _load_payload, _Unwrapped, _wrap_ddp
+from raytorch.engine.loop_state import _CheckpointState
 from raytorch.engine.recipe import Recipe
-from raytorch.engine.rng import rng_state, seed_everything, set_rng_state
+from raytorch.engine.rng import seed_everything
 from raytorch.engine.steps import ScalarLogs, agree_on_keys, custom_step, split_step_output
 
 logger = logging.getLogger("raytorch")
 
 
-def _device_of(model: Any, local_rank: int) -> torch.device:
-    choice = model.choose_device(local_rank)
-    return choice.device if hasattr(choice, "device") else torch.device(choice)
-
-
-def _load_payload(directory: Path) -> dict[str, Any]:
-    from raytorch.engine.checkpoints import load_resume
-
-    return load_resume(directory)
-
-
-class _Unwrapped:
-    """Temporarily put the plain module back on the model (validation must not run DDP hooks:
-    ranks validate different numbers of batches, and DDP's buffer broadcast is a collective)."""
-
-    def __init__(self, model: Any, module: torch.nn.Module) -> None:
-        self.model, self.module = model, module
-
-    def __enter__(self) -> None:
-        self.saved = self.model.object
-        self.model.object = self.module
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.object = self.saved
-
-
-def _wrap_ddp(model: Any, module: torch.nn.Module, device: torch.device) -> Callable[[], None]:
-    """Make gradients the mean over ranks: DDP when the forward is ``__call__``/``forward``,
-    else one flat all-reduce after backward. Returns the post-backward hook (or a no-op)."""
-    import torch.distributed as dist
-
-    method = getattr(model, "train_forward_method", "__call__")
-    # A custom training_step calls the module's parts itself, past DDP's forward hooks.
-    if method in ("__call__", "forward") and custom_step(module, "training_step") is None:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        model.object = DistributedDataParallel(module, device_ids=ids)
-        return lambda: None
-
-    world = dist.get_world_size()
-    params = [p for p in module.parameters() if p.requires_grad]
-    # DDP can only wrap forward(); for another train_forward_method sync gradients by hand.
-    with torch.no_grad():
-        for p in module.parameters():
-            dist.broadcast(p.data, src=0)
-
-    def sync() -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
-
-    return sync
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-
-
-class _Loop:
+class _Loop(_CheckpointState):
     """State of one worker's training run; ``run`` is the loop itself."""
 
     def __init__(self, model: Any, cfg: TrainerConfig, ctx: WorkerContext, seed: int | None):
@@ -209,105 +138,6 @@ class _Loop:
         self.after_backward: Callable[[], None] = lambda: None
 
     # -- checkpoints: everything needed to resume, in one place
-
-    def payload(self) -> dict[str, Any]:
-        """The resume checkpoint's contents (CPU tensors, numbers, strings, lists, dicts)."""
-        from raytorch.engine.checkpoints import RESUME_FORMAT
-
-        return {
-            "format": RESUME_FORMAT,
-            "model": tensors_to_cpu(self.module.state_dict()),
-            "optimizer": tensors_to_cpu(self.optimizer.state_dict()),
-            "recipe": self.recipe.state_dict(),  # schedule, gradient scaler, accumulation
-            "rng": rng_state(),
-            "data": {
-                "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch,
-                "data_seed": self.ctx.data_seed,
-            },
-            "stopper": self.stopper.model_dump(),
-            "history": self.history,
-            "iteration": self.iteration,
-            "epoch": self.epoch,
-            "samples": self.samples,
-            "validations": self.validations,
-            "best_model": self.best_state,
-            "restarts": self.restarts,
-            "listen": {"key": self.stop_cfg.key, "mode": self.stop_cfg.mode.value},
-            # A run that early stopping ended must not train on when it is resumed.
-            "stopped": {"reason": self.reason.value, "message": self.message}
-            if self.reason is not StopReason.NOT_STOPPED
-            else None,
-        }
-
-    def _check_compatible(self, payload: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose early stopping or metrics differ from this run's: its best
-        value and history would not mean what this run's do."""
-        listen = payload.get("listen")
-        ours = {"key": self.stop_cfg.key, "mode": self.stop_cfg.mode.value}
-        if listen is not None and listen != ours:
-            raise CheckpointError(
-                f"the checkpoint was written while listening to {listen['key']} ({listen['mode']})"
-                f", but this run listens to {ours['key']} ({ours['mode']}); resume with the same "
-                "listen and mode, or start a new run (another run_name, no resume_from)"
-            )
-        history = set(payload.get("history") or {})
-        expected = {"iteration", "epoch", *self._metric_keys()}
-        custom = self.training_step is not None or self.validation_step is not None
-        if history and not custom and history != expected:
-            raise CheckpointError(
-                f"the checkpoint's history has {sorted(history - expected) or 'no'} metric(s) this "
-                f"run does not compute and lacks {sorted(expected - history) or 'none'}; resume "
-                "with the same metrics (metric_values, measures_train/valid) or start a new run"
-            )
-
-    def _append_history(self, row: dict[str, float]) -> None:
-        """One entry per validation for every key: a key first logged later (a custom step's)
-        gets NaN for the validations before, a key missing now gets NaN now."""
-        done = len(self.history.get("iteration", []))
-        for key in row:
-            if key not in self.history:
-                self.history[key] = [math.nan] * done
-        for key, values in self.history.items():
-            values.append(row.get(key, math.nan))
-
-    def _metric_keys(self) -> list[str]:
-        names = self.train_names if self.train_acc is not None else ["objective"]
-        keys = [f"train/{n}" for n in names] + [f"valid/{n}" for n in self.valid_acc.names]
-        if self._records_lr:
-            groups = len(self.optimizer.param_groups)
-            keys += ["train/lr", *([f"train/lr_{i}" for i in range(groups)] if groups > 1 else [])]
-        return keys
-
-    def _restore(self, payload: dict[str, Any]) -> None:
-        self._check_compatible(payload)
-        self.module.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.stopper = StopperState.model_validate(payload["stopper"])
-        self.history = {k: list(v) for k, v in payload["history"].items()}
-        self.iteration = self.last_validated = int(payload["iteration"])
-        data = payload["data"]
-        self.epoch = int(data["epoch"])
-        self.resume_skip = self.step_in_epoch = int(data["step_in_epoch"])
-        if data.get("data_seed") is not None:
-            self.ctx.data_seed = int(data["data_seed"])
-        self.samples = int(payload.get("samples", 0))
-        self.validations = int(payload.get("validations", 0))
-        self.best_state = payload.get("best_model")
-        self.recipe.load_state_dict(payload.get("recipe"))
-        self.restarts = [dict(r) for r in payload.get("restarts") or []]
-        if self.ctx.restart_reason is not None:
-            self.restarts.append({"iteration": self.iteration, "reason": self.ctx.restart_reason})
-        stopped = payload.get("stopped")
-        if stopped:
-            self.reason, self.message = StopReason(stopped["reason"]), str(stopped["message"])
-        ranks = payload.get("rng_ranks") or []
-        same_group = len(ranks) == self.ctx.world_size
-        set_rng_state(ranks[self.ctx.rank] if same_group else payload["rng"])
-        self.ctx.progress(
-            f"resumed from a checkpoint at iteration {self.iteration} (epoch {self.epoch}, "
-            f"batch {self.step_in_epoch} of it)"
-        )
 
     def _reset_train_window(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -454,11 +284,6 @@ class _Loop:
             logs = {"objective": loss.detach().reshape(()), **logs}
         self.valid_logs.add(logs, count_rows(targets if targets is not None else inputs))
 
-    @property
-    def _records_lr(self) -> bool:
-        """The learning rate changes (a schedule or warmup), so the history records it."""
-        return self.cfg.lr_scheduler is not None or self.cfg.warmup_iterations > 0
-
     def validate_and_decide(self) -> bool:
         """Validate, record the history, apply the stopping rule; True means stop now."""
         started = time.perf_counter()
@@ -504,26 +329,6 @@ class _Loop:
         if self.ctx.rank == 0:
             self.ctx.progress(self._line(values))
         return stop
-
-    def _report(self, values: dict[str, float]) -> None:
-        from raytorch.engine.checkpoints import write_resume_dir
-
-        self.validations += 1
-        checkpoint_dir = None
-        metrics = {"iteration": self.iteration, "epoch": self.epoch, **values}
-        every = self.ctx.checkpoint_every
-        if every and self.validations % every == 0:
-            # Every rank's RNG state goes into rank 0's checkpoint (the same validations on all
-            # ranks), so each rank resumes exactly where it was.
-            rng_ranks = self.ctx.all_gather_object(rng_state())
-            if self.ctx.rank == 0:
-                checkpoint_dir = Path(tempfile.mkdtemp(prefix="raytorch-ckpt-"))
-                write_resume_dir(checkpoint_dir, {**self.payload(), "rng_ranks": rng_ranks})
-        try:
-            self.ctx.report(metrics, checkpoint_dir)
-        finally:
-            if checkpoint_dir is not None:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     def _line(self, values: dict[str, float]) -> str:
         parts = " ".join(f"{k}={v:.4g}" for k, v in values.items())

@@ -11,9 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from raytorch.core.errors import (
-    ReconciliationError,
-)
+from raytorch.core.errors import ReconciliationError
 from raytorch.engine.parts import OutputLayout, Unit
 
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from raytorch.core.config import TrainerConfig, resolve_scheduler
+from raytorch.core.config import TrainerConfig
 from raytorch.core.errors import ConfigError
+from raytorch.core.resolve import resolve_scheduler
 
 # Precision choices and the device types each one runs on.
 PRECISIONS = {"32": ("cpu", "cuda", "mps"), "bf16-mixed": ("cpu", "cuda"), "16-mixed": ("cuda",)}

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raytorch.core.config import Layout
 from raytorch.core.errors import DataError
+from raytorch.core.layout import Layout
 from raytorch.core.signature import Signature, call_with_signature
 from raytorch.engine.arrow import column_to_numpy, table_to_tensors, to_table
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raytorch.core.config import Layout, TrainerConfig, resolve_callable, resolve_optimizer
+from raytorch.core.config import TrainerConfig
+from raytorch.core.layout import Layout
+from raytorch.core.resolve import resolve_callable, resolve_optimizer
 from raytorch.core.resources import plan_cpus
 from raytorch.core.stopping import Mode
 

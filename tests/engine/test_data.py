@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from raytorch.cluster.sources import Download, shard_refs, to_dataset
-from raytorch.core.config import Layout
 from raytorch.core.errors import DataError
+from raytorch.core.layout import Layout
 from raytorch.engine.arrow import column_to_numpy, table_to_tensors, tables_to_tensors, to_table
 from raytorch.engine.tables import RowMap, assemble, check_columns, table_holdout
 
