@@ -559,3 +559,29 @@ def test_the_progress_sink_outlives_a_fit(ray_local):
     time.sleep(1.0)  # time for Ray to destroy an unreferenced actor
     again = _progress_sink()
     assert ray_local.get(again.drain.remote(), timeout=30) == ["a line"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            {"bogus_field": 1},
+            r"model\.json is malformed: 'config' has settings .*\['bogus_field'\]",
+        ),
+        ({"loader_kwargs": "not a dict"}, r"model\.json holds settings a TorchModel refuses"),
+    ],
+)
+def test_a_foreign_or_edited_model_config_names_the_file(tmp_path, edit, match):
+    path = _saved(tmp_path)
+    _edit_manifest(path, lambda d: d["config"].update(edit))
+    with pytest.raises(CheckpointError, match=match):
+        TorchModel.load(path, object=torch.nn.Linear(3, 2))
+
+
+@pytest.mark.parametrize(
+    "field", ["lr_scheduler", "objective", "transform", "collate_fn", "optimizer_cls"]
+)
+def test_callables_named_in_a_trainer_config_are_checked_before_any_call(field):
+    base = {"identifier": "t", "key": ["x", "y"], "objective": "mse", "max_iterations": 1}
+    with pytest.raises(ValueError, match=rf"{field}='os:system': 'os:system' is refused"):
+        TrainerConfig.model_validate({**base, field: "os:system"})

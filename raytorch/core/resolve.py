@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from raytorch.core.errors import ConfigError, ImportReferenceError
-from raytorch.core.references import import_checked, import_reference
+from raytorch.core.references import import_checked
 
 # Built-in objectives by name, so a job file can say objective: cross_entropy.
 OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
@@ -84,7 +84,7 @@ def resolve_callable(
             return builtins[value]
         if ":" in value:
             try:
-                found = import_reference(value, field=field)
+                found = import_checked(value, field)  # checked before anything calls it
             except ImportReferenceError as exc:
                 raise ConfigError(str(exc)) from exc
             if not callable(found):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import ValidationError
 
 from raytorch.core.errors import CheckpointError, ImportReferenceError
 from raytorch.core.references import import_checked
@@ -114,6 +115,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
         problems.append("'module.factory' must be {target: str, args: list, kwargs: object}")
     elif factory is None and not isinstance(module.get("class"), (str, type(None))):
         problems.append("'module.class' must be an import reference string")
+    if isinstance(meta.get("config"), dict):
+        from raytorch.engine.model import TorchModel
+
+        unknown = sorted(set(meta["config"]) - set(TorchModel.model_fields) - set(NOT_SAVED))
+        if unknown:
+            problems.append(f"'config' has settings this raytorch does not know: {unknown}")
     if problems:
         raise CheckpointError(f"{where} is malformed: {'; '.join(problems)}; save the model again")
     return meta
@@ -156,7 +163,16 @@ def load_model(
     fields = {"factory": factory, "optimizer_state": state.get("optimizer_state"), **config}
     fields.update(overrides)
     identifier = fields.pop("identifier", meta["identifier"])
-    return cls(identifier, object=module, **fields)
+    try:
+        return cls(identifier, object=module, **fields)
+    except ValidationError as exc:
+        bad = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise CheckpointError(
+            f"{root / 'model.json'} holds settings a TorchModel refuses ({bad}); save the model "
+            "again, or pass the fields to TorchModel.load(..., name=value) to replace them"
+        ) from exc
 
 
 def rebuild_module(

@@ -36,7 +36,7 @@ from pydantic import (
 
 from raytorch.cluster.trainer import TorchTrainer
 from raytorch.core.errors import ImportReferenceError, JobFileError
-from raytorch.core.references import import_checked, import_reference
+from raytorch.core.references import import_checked
 
 Echo = Callable[[str], None]
 
@@ -161,7 +161,9 @@ class TrainData(_Strict):
                 source.rows = self.rows
                 if source.function is not None:
                     _check_call(
-                        import_reference(source.function), source.function, source._kwargs()
+                        import_checked(source.function, "function"),
+                        source.function,
+                        source._kwargs(),
                     )
         return self
 

@@ -246,11 +246,13 @@ def test_merged_validation_equals_one_process_over_all_rows():
 
     group = _Group(2)
     shards = [easy, hard]
+    # Built before the threads start: _model() seeds torch's global RNG, which threads share.
+    models = [_model(), _model()]
     outs = _threads(
         [
             (
                 lambda r=r: run_loop(
-                    _model(),
+                    models[r],
                     cfg,
                     InProcessContext(
                         _batches(1), shards[r], rank=r, world_size=2, all_reduce=group.all_reduce(r)
