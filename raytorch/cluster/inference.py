@@ -155,7 +155,9 @@ def _plan_source(data: Any, unit_rows: int) -> tuple[str, SourcePlan | None, Any
     """Return (mode, plan, dataset): mode is 'parquet', 'table' or 'dataset'."""
     if isinstance(data, pa.Table):
         return "table", _parts.plan_table(data, unit_rows), None
-    if type(data).__name__ in ("Dataset", "MaterializedDataset") and hasattr(data, "iter_batches"):
+    import ray.data  # importing starts no Ray
+
+    if isinstance(data, ray.data.Dataset):
         return "dataset", None, data
     if isinstance(data, (str, os.PathLike)) or (
         isinstance(data, (list, tuple)) and all(isinstance(d, (str, os.PathLike)) for d in data)

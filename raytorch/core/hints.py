@@ -12,6 +12,15 @@ def close_to(name: str, choices: Iterable[str]) -> str | None:
     return found[0] if found else None
 
 
+def with_hints(keys: Iterable[str], choices: Sequence[str]) -> list[str]:
+    """Each key quoted, with the closest choice if close: ``'lrr' (did you mean 'lr'?)``."""
+    out = []
+    for key in keys:
+        close = close_to(key, choices)
+        out.append(f"{key!r}" + (f" (did you mean {close!r}?)" if close else ""))
+    return out
+
+
 def unknown_keys(keys: Iterable[str], allowed: Sequence[str], field: str) -> list[str]:
     """One line per key of ``keys`` not in ``allowed``, with the closest allowed key.
 

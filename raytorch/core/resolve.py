@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from raytorch.core.errors import ConfigError, ImportReferenceError
+from raytorch.core.hints import with_hints
 from raytorch.core.references import import_checked
 
 # Built-in objectives by name, so a job file can say objective: cross_entropy.
@@ -116,12 +117,7 @@ def kwargs_problem(
     try:
         signature.bind(*([None] if first else []), **kwargs)
     except TypeError as exc:
-        unknown = [k for k in kwargs if k not in signature.parameters]
-        hints = [
-            f"{k!r} (did you mean {m[0]!r}?)" if m else repr(k)
-            for k in unknown
-            for m in [difflib.get_close_matches(k, names, n=1)]
-        ]
+        hints = with_hints([k for k in kwargs if k not in signature.parameters], names)
         name = getattr(cls, "__name__", cls)
         what = f"does not accept unknown {', '.join(hints)}" if hints else f"needs more: {exc}"
         return f"{field}: {name} {what}; it takes {', '.join(names)}"

@@ -253,18 +253,22 @@ def load_resume(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
 
     path = os.fspath(checkpoint)
     meta = read_meta(path)
-    if is_uri(path):
-        with tempfile.TemporaryDirectory(prefix="raytorch-resume-") as tmp:
-            state = load_state(download_dir(path, tmp) / STATE_NAME, map_location="cpu")
-    else:
-        state = load_state(Path(path) / STATE_NAME, map_location="cpu")
+    if not is_uri(path):
+        return _load_checked(Path(path), path, meta)
+    with tempfile.TemporaryDirectory(prefix="raytorch-resume-") as tmp:
+        return _load_checked(download_dir(path, tmp), path, meta)
+
+
+def _load_checked(local: Path, path: str, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Load a local copy of checkpoint ``path`` and check it against its ``meta.json``."""
+    state = load_state(local / STATE_NAME, map_location="cpu")
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise CheckpointError(
             f"{path}/{STATE_NAME} is not a raytorch resume state (meta.json says iteration "
             f"{meta.get('iteration')}); it was replaced or written by something else"
         )
     # A damaged file that still loads (bytes flipped) is caught by its recorded checksum.
-    problem = state_problem(path, meta)
+    problem = state_problem(str(local), meta)
     if problem is not None:
         raise CheckpointError(
             f"checkpoint {path} is damaged: {problem}; resume from the run directory (its latest "

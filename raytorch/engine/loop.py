@@ -249,7 +249,10 @@ class _Loop(_CheckpointState):
             self.module.train()
         train_state = self._train_state()
         train_keys, valid_keys = self.train_logs.keys(), self.valid_logs.keys()
-        agree_on_keys([*train_keys, "|", *valid_keys], self.ctx.all_reduce_sum, self.ctx.world_size)
+        if self.training_step is not None or self.validation_step is not None:
+            # Only custom steps log keys; without them every rank's key list is empty.
+            keys = [*train_keys, "|", *valid_keys]
+            agree_on_keys(keys, self.ctx.all_reduce_sum, self.ctx.world_size)
         # One all-reduce for every state: train, valid metrics, and the custom steps' logs.
         parts = [
             train_state,

@@ -54,10 +54,6 @@ def _method_problem(module: Any, name: Any, field: str) -> str | None:
     )
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _loader_problems(kwargs: Mapping[str, Any]) -> list[str]:
     params = list(inspect.signature(torch.utils.data.DataLoader.__init__).parameters)[1:]
     allowed = [p for p in params if p not in _LOADER_RESERVED]

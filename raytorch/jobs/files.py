@@ -36,6 +36,7 @@ from pydantic import (
 
 from raytorch.cluster.trainer import TorchTrainer
 from raytorch.core.errors import ImportReferenceError, JobFileError
+from raytorch.core.hints import with_hints
 from raytorch.core.references import import_checked
 
 Echo = Callable[[str], None]
@@ -509,11 +510,7 @@ def _check_arguments(target: Any, ref: str, args: Sequence[Any], kwargs: Mapping
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = [k for k in own if k not in params]
         if unknown:
-            hints = [
-                f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else "")
-                for k in unknown
-                for m in [difflib.get_close_matches(k, list(params), n=1)]
-            ]
+            hints = with_hints(unknown, list(params))
             raise ValueError(
                 f"kwargs: {ref} takes no argument {', '.join(hints)} (it takes: {takes})"
             )
