@@ -40,6 +40,7 @@ from raytorch.core.errors import (
     RowError,
     find_raytorch_error,
 )
+from raytorch.core.live import PredictDisplay
 from raytorch.core.progress import show_progress
 from raytorch.core.resources import PoolPlan, compute_problems, plan_pool, task_options
 from raytorch.engine import parts as _parts
@@ -384,25 +385,25 @@ def _execute(
     rows_total = plan.source.num_rows if plan.source is not None else None
     tracker = _Tracker(rows_total, len(units) if units else None, rows_before)
     startup: float | None = None
-    last_log = started
+    display = PredictDisplay(rows_total, interval_s)
     try:
         for row in _records(plan, pool, actor, todo).iter_rows():
             rec = json.loads(row["record"])
             if "error" in rec:
                 _raise_worker_error(rec)
             records[rec["unit"]] = rec
-            update = tracker.update(rec["rows_read"], len(records))
+            update = tracker.update(rec["rows_read"], len(records), rec.get("rows_rejected", 0))
             startup = startup if startup is not None else time.monotonic() - started
             if progress is not None:
                 progress(update)
-            if time.monotonic() - last_log >= interval_s:
-                last_log = time.monotonic()
-                logger.info(progress_line(update))
+            display.update(update, progress_line(update))
     except Exception as exc:
         found = find_raytorch_error(exc)
         if found is None or found is exc:
             raise
         raise found from exc
+    finally:
+        display.close()
     return startup, tracker.rows_done - rows_before
 
 

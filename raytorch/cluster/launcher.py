@@ -22,6 +22,7 @@ from raytorch.core.errors import RaytorchError, TrainingError, find_raytorch_err
 from raytorch.core.resources import WorkerPlan
 from raytorch.engine.context import LoopResult
 from raytorch.engine.fs import join
+from raytorch.engine.monitor import TrainMonitor
 
 logger = logging.getLogger("raytorch")
 
@@ -31,10 +32,11 @@ logger = logging.getLogger("raytorch")
 
 
 class _Drain:
-    """A driver thread that moves progress lines from the sink actor into the logger."""
+    """A driver thread that moves progress events from the sink actor to the run's monitor
+    (``raytorch.engine.monitor``: the display and the loggers)."""
 
-    def __init__(self, sink: Any, period_s: float = 0.3) -> None:
-        self.sink, self.period_s = sink, period_s
+    def __init__(self, sink: Any, monitor: TrainMonitor, period_s: float = 0.3) -> None:
+        self.sink, self.monitor, self.period_s = sink, monitor, period_s
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="raytorch-progress", daemon=True)
 
@@ -42,10 +44,15 @@ class _Drain:
         import ray
 
         try:
-            for line in ray.get(self.sink.drain.remote(), timeout=10):
-                logger.info(line)
+            events = ray.get(self.sink.drain.remote(), timeout=10)
         except Exception as exc:  # progress is best effort; never fail a run because of it
-            logger.debug("progress lines could not be fetched: %s", exc)
+            logger.debug("progress events could not be fetched: %s", exc)
+            return
+        for event in events:
+            try:
+                self.monitor.handle(event)
+            except Exception as exc:
+                logger.warning("a progress event could not be shown: %s", exc)
 
     def _run(self) -> None:
         while not self.stop.wait(self.period_s):
@@ -92,11 +99,13 @@ def launch(
     storage_path: str,
     run_name: str,
     resume: str | None = None,
+    monitor: TrainMonitor | None = None,
 ) -> LoopResult:
     """Run the loop on ``plan.num_workers`` workers and return rank 0's result.
 
     Args:
         resume: a checkpoint (path or URI) to start from, or None.
+        monitor: where progress events go (default: plain lines through the logger).
 
     Raises:
         TrainingError: a worker failed (naming rank and iteration, the worker's error chained),
@@ -106,7 +115,7 @@ def launch(
     sink = _progress_sink()
     if plan.message:
         logger.warning(plan.message)
-    with _Drain(sink):
+    with _Drain(sink, monitor or TrainMonitor()):
         if plan.num_workers == 1:
             run_dir = join(storage_path, run_name)
             return _run_task(model, cfg, plan, shards[0], seed, sink, run_dir, resume)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from raytorch.core.progress import show_progress
 from raytorch.core.resolve import resolve_callable
 from raytorch.core.resources import WorkerPlan
 from raytorch.engine.context import LoopResult
+from raytorch.engine.monitor import TrainMonitor
 from raytorch.engine.runs import (
     RunStatus,
     TrainingResult,
@@ -77,6 +80,7 @@ class _FitPlan:
     run_name: str
     run_dir: Path | str
     resume: str | None
+    started_at: str  # ISO 8601, UTC
 
 
 class TorchTrainer(TrainerConfig):
@@ -106,7 +110,12 @@ class TorchTrainer(TrainerConfig):
         show_progress()
         from raytorch.cluster.compat import quiet_ray_data
         from raytorch.cluster.session import ensure_ray, ray_env
+        from raytorch.core.errors import ConfigError
+        from raytorch.engine.loggers import missing_extras
 
+        missing = missing_extras(self.loggers)
+        if missing:  # before Ray starts: a missing package should cost a second
+            raise ConfigError("\n".join(missing))
         started = time.time()
         run_name = self.run_name
         if run_name is not None:
@@ -127,8 +136,21 @@ class TorchTrainer(TrainerConfig):
         with ray_env(), quiet_ray_data():
             ensure_ray()
             run = self._plan(model, train_data, valid_data, run_name)
-            out = self._execute(model, run)
-        return self._finalize(model, run, out, started)
+            monitor = self._monitor(run)
+            out = self._execute(model, run, monitor)
+        return self._finalize(model, run, out, started, monitor)
+
+    def _monitor(self, run: _FitPlan) -> TrainMonitor:
+        """The run's progress display and loggers (one writer each, on the driver)."""
+        from raytorch.core.live import TrainDisplay
+        from raytorch.engine.loggers import open_loggers
+
+        params = self.model_dump(mode="json", exclude={"optimizer_state"}, fallback=repr)
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or self.identifier
+        hub = open_loggers(
+            [n for n in self.loggers if n != "csv"], run.run_dir, run.run_name, experiment, params
+        )
+        return TrainMonitor(TrainDisplay(self.max_iterations, self.epochs), hub)
 
     def _plan(self, model: Any, train_data: Any, valid_data: Any, run_name: str | None) -> _FitPlan:
         """Seed, workers, data shards and the run directory: everything decided before training."""
@@ -159,9 +181,12 @@ class TorchTrainer(TrainerConfig):
         run_name = run_name or _run_name(self.identifier)
         run_dir = _run_dir(storage, run_name)
         resume = self._resume(str(run_dir), resuming=run_name == self.run_name)
-        return _FitPlan(seed, plan, shards, train_ds, storage, run_name, run_dir, resume)
+        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return _FitPlan(
+            seed, plan, shards, train_ds, storage, run_name, run_dir, resume, started_at
+        )
 
-    def _execute(self, model: Any, run: _FitPlan) -> LoopResult:
+    def _execute(self, model: Any, run: _FitPlan, monitor: TrainMonitor) -> LoopResult:
         """Launch the workers (resuming where asked); a failure marks the run directory failed."""
         from raytorch.cluster.launcher import launch
 
@@ -184,14 +209,20 @@ class TorchTrainer(TrainerConfig):
                 run.storage,
                 run.run_name,
                 run.resume,
+                monitor,
             )
         except BaseException as exc:
             # Nothing that looks complete: result.json says failed, checkpoints/last is not written.
-            _write_failed(run.run_dir, run.run_name, run.seed, exc)
+            monitor.close()
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            monitor.loggers.fail(status, f"{type(exc).__name__}: {exc}")
+            _write_failed(run.run_dir, run.run_name, run.seed, exc, run.started_at)
             raise
+        finally:
+            monitor.close()
 
     def _finalize(
-        self, model: Any, run: _FitPlan, out: LoopResult, started: float
+        self, model: Any, run: _FitPlan, out: LoopResult, started: float, monitor: TrainMonitor
     ) -> TrainingResult:
         """Put the chosen weights into the model, build the result, write the run directory."""
         total = time.time() - started
@@ -228,8 +259,13 @@ class TorchTrainer(TrainerConfig):
             status=status_of(out.stop_reason),
             restarts=out.restarts,
             resumed_from=run.resume,
+            listen=self.stopping().key,
+            started_at=run.started_at,
         )
-        _write_run_dir(result, self, out.best_state_dict)
+        try:
+            _write_run_dir(result, self, out.best_state_dict, monitor.loggers)
+        finally:
+            monitor.loggers.close()
         if result.status is not RunStatus.COMPLETED:
             logger.warning(
                 "run %s ended %s: %s; the model holds the best weights seen before (or the "

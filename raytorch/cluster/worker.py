@@ -28,15 +28,15 @@ from raytorch.engine.tables import check_finite
 
 
 class _ProgressSink:
-    """A zero-CPU actor holding progress lines until the driver drains them."""
+    """A zero-CPU actor holding progress lines and events until the driver drains them."""
 
     def __init__(self) -> None:
-        self.lines: list[str] = []
+        self.lines: list[Any] = []
 
-    def put(self, line: str) -> None:
+    def put(self, line: Any) -> None:
         self.lines.append(line)
 
-    def drain(self) -> list[str]:
+    def drain(self) -> list[Any]:
         out, self.lines = self.lines, []
         return out
 
@@ -202,6 +202,10 @@ class RayContext(WorkerContext):
     def progress(self, line: str) -> None:
         if self.sink is not None:
             self.sink.put.remote(line)
+
+    def event(self, event: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink.put.remote(event)
 
 
 def _task_main(

@@ -82,6 +82,9 @@ def resolve_objective(cfg: TrainerConfig) -> Callable[..., Any]:
     return objective
 
 
+LoggerName = Literal["csv", "tensorboard", "mlflow"]
+
+
 class LoaderOptions(BaseModel):
     """DataLoader-style options (the seed's ``loader_kwargs``; mlr3torch's dataloader parameters).
 
@@ -277,6 +280,12 @@ class TrainerConfig(BaseModel):
         description="a run directory (its latest checkpoint) or a checkpoint to resume from; "
         "re-running with the same run_name and storage_path resumes too",
     )
+    loggers: list[LoggerName] = Field(
+        default_factory=lambda: list[LoggerName](["csv"]),
+        description="'csv' (history.csv and learning_curve.png in the run directory), "
+        "'tensorboard' (<run dir>/tensorboard/; needs raytorch[tensorboard]), 'mlflow' "
+        "(MLFLOW_TRACKING_URI or ./mlruns; needs raytorch[mlflow]); several at once",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -286,6 +295,8 @@ class TrainerConfig(BaseModel):
         data = dict(data)
         if isinstance(data.get("precision"), int) and not isinstance(data["precision"], bool):
             data["precision"] = str(data["precision"])  # YAML's precision: 32
+        if isinstance(data.get("loggers"), str):
+            data["loggers"] = [data["loggers"]]  # loggers: tensorboard
         problems = [f"{k}: {fix}" for k, fix in _REPLACED.items() if k in data]
         for alias, canonical in _ALIASES.items():
             if alias in data:
@@ -350,6 +361,9 @@ class TrainerConfig(BaseModel):
                 "needs data_prefetch=False; with data_prefetch=True Ray Data streams the object "
                 "storage directly (set download=False)"
             )
+        repeated = sorted({name for name in self.loggers if self.loggers.count(name) > 1})
+        if repeated:
+            problems.append(f"loggers: {repeated} given more than once; list each logger once")
         if self.max_iterations is None and self.epochs is None:
             problems.append(
                 "neither max_iterations nor epochs is set, so training would never end; set "

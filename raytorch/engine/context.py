@@ -71,6 +71,12 @@ class WorkerContext:
         """One line of progress (called on rank 0 only)."""
         logger.info(line)
 
+    def event(self, event: dict[str, Any]) -> None:
+        """A progress event for the driver (``raytorch.engine.monitor``; rank 0 only). Without
+        a driver to draw it, a validation's line is printed and the rest is dropped."""
+        if "line" in event:
+            self.progress(str(event["line"]))
+
 
 class InProcessContext(WorkerContext):
     """A context over lists of batches, for tests and for debugging without Ray.
@@ -104,6 +110,7 @@ class InProcessContext(WorkerContext):
         self.checkpoint_every = checkpoint_every if run_dir is not None else 0
         self.reports: list[dict[str, float]] = []
         self.lines: list[str] = []
+        self.events: list[dict[str, Any]] = []
 
     def train_batches(self, epoch: int) -> Iterable[Batch]:
         return list(self._train(epoch) if callable(self._train) else self._train)
@@ -127,6 +134,10 @@ class InProcessContext(WorkerContext):
     def progress(self, line: str) -> None:
         self.lines.append(line)
         super().progress(line)
+
+    def event(self, event: dict[str, Any]) -> None:
+        self.events.append(dict(event))
+        super().event(event)
 
 
 @dataclass

@@ -187,3 +187,17 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes | None:
         return None
     with filesystem.open_input_stream(root) as f:
         return bytes(f.read())
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a whole file: atomically on a local path, as one upload on object storage (an
+    object appears whole or not at all)."""
+    text = os.fspath(path)
+    if not is_uri(text) or text.startswith("file://"):
+        local = Path(text[len("file://") :] if text.startswith("file://") else text)
+        atomic_write(local.expanduser(), lambda f: f.write(data))
+        return
+    filesystem, root = resolve(text)
+    filesystem.create_dir(root.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(root) as f:
+        f.write(data)

@@ -48,6 +48,8 @@ from raytorch.engine.steps import ScalarLogs, agree_on_keys, custom_step, split_
 
 logger = logging.getLogger("raytorch")
 
+TICK_S = 1.0  # least seconds between step events (the driver's progress bar)
+
 
 class _Loop(_CheckpointState):
     """State of one worker's training run; ``run`` is the loop itself."""
@@ -86,6 +88,8 @@ class _Loop(_CheckpointState):
         self.first_rows = 0
         self.steady_from = 0
         self.valid_s = 0.0
+        self.last_tick = 0.0  # the last step event (time.monotonic)
+        self.steps_per_epoch: int | None = None  # known once an epoch has ended
 
     # -- setup
 
@@ -136,6 +140,8 @@ class _Loop(_CheckpointState):
         elif ctx.restart_reason is not None:  # restarted before its first checkpoint
             self.restarts.append({"iteration": 0, "reason": ctx.restart_reason})
         self.after_backward: Callable[[], None] = lambda: None
+        if ctx.rank == 0:
+            ctx.event({"kind": "begin", "iteration": self.iteration, "restart": ctx.restart_reason})
 
     # -- checkpoints: everything needed to resume, in one place
 
@@ -330,7 +336,18 @@ class _Loop(_CheckpointState):
             self.reason, self.message = decision.reason, message
         self._report(values)
         if self.ctx.rank == 0:
-            self.ctx.progress(self._line(values))
+            self.ctx.event(
+                {
+                    "kind": "valid",
+                    "iteration": self.iteration,
+                    "epoch": self.epoch,
+                    "values": values,
+                    "listen": self.stop_cfg.key,
+                    "best": self.stopper.best_value,
+                    "best_iteration": self.stopper.best_iteration,
+                    "line": self._line(values),
+                }
+            )
         return stop
 
     def _line(self, values: dict[str, float]) -> str:
@@ -368,8 +385,11 @@ class _Loop(_CheckpointState):
                 self.reason = StopReason.MAX_ITERATIONS
                 self.message = f"reached max_iterations={max_it}"
                 break
+            whole, started_at = self.resume_skip == 0, self.iteration
             if self._train_epoch():
                 break
+            if whole:
+                self.steps_per_epoch = self.iteration - started_at
             if self.step_in_epoch == 0:
                 raise RuntimeError(
                     f"rank {self.ctx.rank}: epoch {self.epoch} produced no training batch; the "
@@ -430,10 +450,29 @@ class _Loop(_CheckpointState):
         if self.steady_start is None:
             self.steady_start, self.first_rows = time.perf_counter(), rows
             self.steady_from = self.iteration
+        if self.ctx.rank == 0:
+            self._tick()
         max_it, interval = self.cfg.max_iterations, self.cfg.interval
         if max_it is not None and self.iteration >= max_it:
             return True
         return bool(interval and self.iteration % interval == 0 and self.validate_and_decide())
+
+    def _tick(self) -> None:
+        """A step event for the driver's progress bar, at most about once a second."""
+        now = time.monotonic()
+        if now - self.last_tick < TICK_S:
+            return
+        self.last_tick = now
+        self.ctx.event(
+            {
+                "kind": "step",
+                "iteration": self.iteration,
+                "epoch": self.epoch,
+                "samples": self.samples * self.ctx.world_size,  # rank 0's, scaled: an estimate
+                "time": time.time(),
+                "steps_per_epoch": self.steps_per_epoch,
+            }
+        )
 
     def _compile(self) -> None:
         """``torch.compile`` the module used for training forward passes (the plain module keeps

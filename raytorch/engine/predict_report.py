@@ -43,6 +43,7 @@ class PredictProgress:
     units_total: int | None
     rows_per_s: float
     eta_s: float | None
+    rows_rejected: int = 0
 
 
 def _reconcile(
@@ -106,23 +107,26 @@ class _Tracker:
     """Rows done, rate and ETA; the rate leaves start-up out (measured from the first unit)."""
 
     def __init__(self, rows_total: int | None, units_total: int | None, rows_before: int) -> None:
+        from raytorch.core.live import Rate
+
         self.rows_total, self.units_total = rows_total, units_total
         self.rows_done = rows_before
-        self.started = time.monotonic()
-        self.first: tuple[float, int] | None = None
+        self.rows_rejected = 0
+        self.rate = Rate(rows_total)
 
-    def update(self, rows: int, units_done: int) -> PredictProgress:
-        now = time.monotonic()
-        if self.first is None:
-            self.first = (now, self.rows_done)  # before this unit's rows: start-up is over
+    def update(self, rows: int, units_done: int, rejected: int = 0) -> PredictProgress:
         self.rows_done += rows
-        since, rows_since = self.first
-        elapsed = now - since
-        rate = (self.rows_done - rows_since) / elapsed if elapsed > 1e-3 else 0.0
-        left = None if self.rows_total is None else self.rows_total - self.rows_done
-        eta = left / rate if left is not None and rate > 0 else None
+        self.rows_rejected += rejected
+        # The first unit's rows came in during start-up: the rate counts from its commit.
+        self.rate.update(self.rows_done)
         return PredictProgress(
-            self.rows_done, self.rows_total, units_done, self.units_total, rate, eta
+            self.rows_done,
+            self.rows_total,
+            units_done,
+            self.units_total,
+            self.rate.rate,
+            self.rate.eta_s,
+            self.rows_rejected,
         )
 
 
@@ -132,4 +136,5 @@ def progress_line(update: PredictProgress) -> str:
     share = f" ({100 * update.rows_done / update.rows_total:.0f}%)" if update.rows_total else ""
     rate = f", {update.rows_per_s:,.0f} rows/s" if update.rows_per_s else ""
     eta = f", about {update.eta_s:.0f} s left" if update.eta_s is not None else ""
-    return f"predict: {update.rows_done:,}{total} rows{share}{rate}{eta}"
+    rejected = f", {update.rows_rejected:,} rejected" if update.rows_rejected else ""
+    return f"predict: {update.rows_done:,}{total} rows{share}{rate}{eta}{rejected}"

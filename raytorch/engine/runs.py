@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from raytorch.core.config import TrainerConfig
 from raytorch.core.errors import CheckpointError
 from raytorch.core.stopping import StopReason
+from raytorch.engine.loggers import LoggerHub
 
 logger = logging.getLogger("raytorch")
 
@@ -77,6 +78,7 @@ class TrainingResult(BaseModel):
             it restarted from, or None), ``reason``.
         resumed_from: the checkpoint this run started from, if any.
         reused: True when ``fit`` found this run already finished and returned its result.
+        listen: the history key of ``best_value``; started_at: when fit started (UTC, ISO).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, ser_json_inf_nan="constants")
@@ -101,6 +103,8 @@ class TrainingResult(BaseModel):
     restarts: list[dict[str, Any]] = Field(default_factory=list)
     resumed_from: str | None = None
     reused: bool = False
+    listen: str | None = None  # the history key early stopping watched (best_value's)
+    started_at: str | None = None  # ISO 8601, UTC
 
     def summary(self) -> dict[str, Any]:
         """The JSON-friendly part written to ``result.json``."""
@@ -120,7 +124,11 @@ class TrainingResult(BaseModel):
             "timings": self.timings,
             "restarts": self.restarts,
             "resumed_from": self.resumed_from,
+            "listen": self.listen,
+            "started_at": self.started_at,
+            "ended_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "last": last,
+            "history": self.history,
         }
 
 
@@ -151,7 +159,13 @@ def _run_dir(storage: str, run_name: str) -> Path | str:
     return join(storage, run_name) if is_uri(storage) else Path(storage) / run_name
 
 
-def _write_failed(run_dir: Path | str, run_name: str, seed: int | None, exc: BaseException) -> None:
+def _write_failed(
+    run_dir: Path | str,
+    run_name: str,
+    seed: int | None,
+    exc: BaseException,
+    started_at: str | None = None,
+) -> None:
     """Mark a run that raised: ``result.json`` with ``status: failed`` and the error."""
     from raytorch.engine.state import write_json
 
@@ -160,6 +174,8 @@ def _write_failed(run_dir: Path | str, run_name: str, seed: int | None, exc: Bas
         "status": "failed",
         "error": f"{type(exc).__name__}: {exc}",
         "seed": seed,
+        "started_at": started_at,
+        "ended_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     try:
         with _staged(run_dir) as local:
@@ -209,27 +225,52 @@ def _storage_path(path: str) -> str:
 
 
 def _write_run_dir(
-    result: TrainingResult, cfg: TrainerConfig, best_state: dict[str, Any] | None
+    result: TrainingResult,
+    cfg: TrainerConfig,
+    best_state: dict[str, Any] | None,
+    loggers: LoggerHub | None = None,
 ) -> None:
     with _staged(result.run_dir) as local:
-        _write_run_files(local, result, cfg, best_state)
+        _write_run_files(local, result, cfg, best_state, loggers)
 
 
 def _write_run_files(
-    run_dir: Path, result: TrainingResult, cfg: TrainerConfig, best_state: dict[str, Any] | None
+    run_dir: Path,
+    result: TrainingResult,
+    cfg: TrainerConfig,
+    best_state: dict[str, Any] | None,
+    loggers: LoggerHub | None = None,
 ) -> None:
-    from raytorch.engine.state import save_state, write_json
-
     summary = result.summary()
     summary["config"] = cfg.model_dump(mode="json", exclude={"optimizer_state"}, fallback=repr)
-    _write_history(run_dir / "history.csv", result.history)
-    try:
-        _plot(run_dir / "learning_curve.png", result.history)
-    except Exception as exc:  # a plot must never lose a finished run
-        logger.warning("could not write learning_curve.png: %s", exc)
+    if "csv" in cfg.loggers:
+        _write_history(run_dir / "history.csv", result.history)
+        try:
+            _plot(
+                run_dir / "learning_curve.png",
+                result.history,
+                result.best_iteration,
+                result.restarts,
+                result.listen,
+            )
+        except Exception as exc:  # a plot must never lose a finished run
+            logger.warning("could not write learning_curve.png: %s", exc)
+    _save_models(run_dir, result, best_state)
+    if loggers is not None:  # after the files they upload, before the file that claims completion
+        loggers.finish(summary, run_dir)
+        summary["loggers"] = loggers.records()
+    # Last: result.json is what says the run finished, and how.
+    from raytorch.engine.state import write_json
+
+    write_json(run_dir / "result.json", summary)
+
+
+def _save_models(run_dir: Path, result: TrainingResult, best_state: dict[str, Any] | None) -> None:
+    """``checkpoints/last`` and ``checkpoints/best``: ``model.save()`` of those weights."""
+    from raytorch.engine.state import save_state
+
     model = result.model
     if model is None or not hasattr(model, "save"):
-        write_json(run_dir / "result.json", summary)
         return
     current = {k: v.detach().cpu().clone() for k, v in model.object.state_dict().items()}
     for name, state in (("last", result.final_state_dict), ("best", best_state)):
@@ -251,8 +292,6 @@ def _write_run_files(
                 {"state_dict": state, "optimizer_state": result.optimizer_state},
             )
     model.object.load_state_dict(current)
-    # Last: result.json is what says the run finished, and how.
-    write_json(run_dir / "result.json", summary)
 
 
 def _write_history(path: Path, history: dict[str, list[float]]) -> None:
@@ -270,26 +309,68 @@ def _write_history(path: Path, history: dict[str, list[float]]) -> None:
             )
 
 
-def _plot(path: Path, history: dict[str, list[float]]) -> None:
+def _plot(
+    path: Path,
+    history: dict[str, list[float]],
+    best_iteration: int | None = None,
+    restarts: list[dict[str, Any]] | None = None,
+    listen: str | None = None,
+) -> None:
+    """One panel per metric: its train and valid series against the iteration, the best
+    iteration (a dashed line; a star on the watched series) and every restart (dotted red)."""
     # A Figure with its own Agg canvas: pyplot's global backend and figure list stay untouched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     names = sorted({k.split("/", 1)[1] for k in history if "/" in k})
-    fig = Figure(figsize=(4.5 * len(names), 3.5))
+    names.sort(key=lambda n: (n != "objective", n == "lr"))  # the objective first, lr last
+    cols = min(3, len(names)) or 1
+    rows = -(-len(names) // cols) or 1
+    fig = Figure(figsize=(4.8 * cols, 3.6 * rows))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(names), squeeze=False)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
     x = history.get("iteration", [])
-    for ax, name in zip(axes[0], names, strict=True):
-        for split in ("train", "valid"):
+    for ax, name in zip(axes, names, strict=False):
+        for split, color in (("train", "tab:blue"), ("valid", "tab:orange")):
             values = history.get(f"{split}/{name}")
             if values:
-                ax.plot(x, values, marker=".", label=split)
-        ax.set_title(name)
+                ax.plot(x, values, marker=".", markersize=4, color=color, label=split)
+        if best_iteration is not None:
+            ax.axvline(
+                best_iteration,
+                color="tab:green",
+                linestyle="--",
+                linewidth=1,
+                label=f"best @ {best_iteration}",
+            )
+            watched = history.get(listen or "")
+            if listen and listen.split("/", 1)[-1] == name and watched and best_iteration in x:
+                ax.plot(
+                    best_iteration,
+                    watched[x.index(best_iteration)],
+                    marker="*",
+                    markersize=14,
+                    color="tab:green",
+                    linestyle="none",
+                )
+        for i, restart in enumerate(restarts or []):
+            at = restart.get("iteration")
+            if isinstance(at, (int, float)):
+                ax.axvline(
+                    at,
+                    color="tab:red",
+                    linestyle=":",
+                    linewidth=1.5,
+                    label="restart" if i == 0 else None,
+                )
+        ax.set_title(f"{name} (watched)" if listen and listen.endswith(f"/{name}") else name)
         ax.set_xlabel("iteration")
-        ax.legend()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in axes[len(names) :]:
+        ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=90)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +416,10 @@ def load_finished(
         local = Path(tmp) if is_uri(str(run_dir)) else Path(run_dir)
         if is_uri(str(run_dir)):
             download_dir(join(str(run_dir), "checkpoints"), Path(tmp) / "checkpoints")
-        history = _read_history(run_dir)
+        recorded = summary.get("history")
+        history = (
+            _checked_history(recorded, run_dir) if recorded is not None else _read_history(run_dir)
+        )
         names = ("best", "last") if restore_best else ("last", "best")
         for name in names:
             weights = local / "checkpoints" / name / "weights.pt"
@@ -364,7 +448,25 @@ def load_finished(
         restarts=list(summary.get("restarts") or []),
         resumed_from=summary.get("resumed_from"),
         reused=True,
+        listen=summary.get("listen"),
+        started_at=summary.get("started_at"),
     )
+
+
+def _checked_history(recorded: Any, run_dir: Path | str) -> dict[str, list[float]]:
+    """``result.json``'s history, its type checked (a file is never trusted as it is)."""
+    ok = isinstance(recorded, dict) and all(
+        isinstance(k, str)
+        and isinstance(v, list)
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        for k, v in recorded.items()
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{run_dir}/result.json has a history that is not lists of numbers by key; the file "
+            "was edited or damaged (train again with if_finished='new_run')"
+        )
+    return {k: [float(x) for x in v] for k, v in recorded.items()}
 
 
 def _read_history(run_dir: Path | str) -> dict[str, list[float]]:

@@ -23,6 +23,8 @@ examples:
   raytorch predict jobs/predict_parquet.yaml data.rows=100000
   raytorch check jobs/train_digits.yaml --address auto
   raytorch submit jobs/train_digits.yaml --address http://127.0.0.1:8265
+  raytorch runs                      # the runs under runs/, one line each
+  raytorch show digits-2026          # one run: status, best, files, config changes
 
 Without --address (and without RAY_ADDRESS) jobs run on a local Ray started on demand.
 Overrides are dotted.key=value; values are YAML (1e-3 is a float, [64, 10] a list, null None).
@@ -117,6 +119,29 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "submit":
             p.add_argument("--address", help=_ADDRESS_HELP)
     _add_submit_options(sub.choices["submit"])
+    runs = sub.add_parser(
+        "runs",
+        help="list the run directories under a storage path",
+        description="One line per run directory: name, kind, status, start (UTC), duration, "
+        "best metric and its iteration, stop reason, restarts. Oldest first.",
+        epilog="examples:\n  raytorch runs\n  raytorch runs /data/experiments/runs\n",
+        formatter_class=_Formatter,
+    )
+    runs.add_argument("dir", nargs="?", default="runs", metavar="DIR", help="default: runs")
+    show = sub.add_parser(
+        "show",
+        help="print one run's summary",
+        description="Status, stop reason, best and final metrics, restarts, where its plot, "
+        "model and logs are, and how its configuration differs from its job file.",
+        epilog="examples:\n  raytorch show runs/digits-20261130T120000Z-1a2b3c\n"
+        "  raytorch show digits-2026113   # a unique prefix of a run under --dir\n",
+        formatter_class=_Formatter,
+    )
+    show.add_argument("run", metavar="RUN", help="a run directory, or a run name under --dir")
+    show.add_argument("--dir", default="runs", help="where to look a run name up (default: runs)")
+    for p in (runs, show):
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        p.set_defaults(overrides=[])
     return parser
 
 
@@ -143,7 +168,11 @@ def _add_submit_options(submit: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_UPLOAD_MIB,
         help=f"refuse to upload more than this (default: {DEFAULT_MAX_UPLOAD_MIB:g})",
     )
-    submit.add_argument("--submission-id", help="the job's id (default: raytorch-<name>-<time>)")
+    submit.add_argument(
+        "--submission-id",
+        help="the Ray job's id (default: a training job's run name, so `ray job list` and the "
+        "dashboard show it; raytorch-<name>-<time> for a prediction job)",
+    )
     submit.add_argument(
         "--no-wait", action="store_true", help="print the job id and return without following logs"
     )
@@ -253,7 +282,33 @@ def _resources_text(resources: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in resources.items())
 
 
-_COMMANDS = {"train": _train, "predict": _predict, "check": _check, "submit": _submit}
+def _runs(args: argparse.Namespace) -> int:
+    from raytorch.jobs.browse import format_table, scan_runs
+
+    runs = scan_runs(args.dir)
+    if not runs:
+        _echo(f"no run directories under {args.dir}")
+        return 0
+    _echo(format_table(runs))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from raytorch.jobs.browse import find_run, show_lines
+
+    for line in show_lines(find_run(args.run, args.dir)):
+        _echo(line)
+    return 0
+
+
+_COMMANDS = {
+    "train": _train,
+    "predict": _predict,
+    "check": _check,
+    "submit": _submit,
+    "runs": _runs,
+    "show": _show,
+}
 
 
 if __name__ == "__main__":

@@ -201,6 +201,8 @@ class _Job(_Strict):
     model: ModelSpec
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _source: str | None = PrivateAttr(default=None)  # the job file, absolute
+    _overrides: list[str] = PrivateAttr(default_factory=list)
 
 
 class TrainJob(_Job):
@@ -339,7 +341,9 @@ def load_job(
     """
     path = Path(path)
     config = apply_overrides(read_job_file(path), parse_overrides(overrides))
-    return job_from_dict(config, source=str(path), base_dir=path.resolve().parent, kind=kind)
+    job = job_from_dict(config, source=str(path), base_dir=path.resolve().parent, kind=kind)
+    job._source, job._overrides = str(path.resolve()), list(overrides)
+    return job
 
 
 def job_from_dict(
@@ -543,12 +547,35 @@ def python_path(base_dir: str | os.PathLike[str], entries: Sequence[str]) -> Ite
     modules next to the job file import by plain name without changing the caller's process.
     """
     saved = list(sys.path)
-    for entry in reversed(list(entries)):
-        directory = str((Path(base_dir) / entry).resolve())
+    directories = [str((Path(base_dir) / entry).resolve()) for entry in entries]
+    for directory in reversed(directories):
         if directory in sys.path:
             sys.path.remove(directory)
         sys.path.insert(0, directory)
+    _forget_shadowed(directories)
     try:
         yield
     finally:
         sys.path[:] = saved
+
+
+def _forget_shadowed(directories: Sequence[str]) -> None:
+    """Drop imported modules that a job directory's own file of the same name replaces.
+
+    Two jobs in one process (a driver script, a notebook) may each have a ``digits.py`` beside
+    them; without this the second job would get the first job's module from ``sys.modules``.
+    """
+    for directory in directories:
+        root = Path(directory)
+        try:
+            own = {p.stem for p in root.glob("*.py")} | {
+                p.parent.name for p in root.glob("*/__init__.py")
+            }
+        except OSError:
+            continue
+        for name, module in list(sys.modules.items()):
+            if name.split(".")[0] not in own:
+                continue
+            file = getattr(module, "__file__", None)
+            if file and not Path(file).resolve().is_relative_to(root):
+                del sys.modules[name]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import math
+import json
 import os
 import secrets
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -101,6 +100,8 @@ def write_resolved(job: Job, run_dir: Path) -> Path:
     header = (
         f"# raytorch {job.kind} {path}\n# the job as run: the file with its overrides applied\n"
     )
+    if job._source is not None:  # read back by `raytorch show` (differences from the file)
+        header += f"# source: {job._source}\n# overrides: {json.dumps(job._overrides)}\n"
     path.write_text(header + yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -187,6 +188,7 @@ def _run_predict(job: PredictJob, echo: Echo) -> Any:
     from raytorch.cluster.inference import predict
 
     run_dir = Path(job.output.dir) / new_run_name(job.name)
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_resolved(job, run_dir)
     # A saved model goes in by path, so the output records which model made it (resume checks).
     model = job.model.path or build_model(job.model, job.name)
@@ -197,34 +199,16 @@ def _run_predict(job: PredictJob, echo: Echo) -> Any:
         model,
         data,
         output,
-        progress=_ProgressPrinter(echo),
-        progress_interval_s=math.inf,  # the printer above reports progress instead
         **job.predict.model_dump(exclude_none=True),
     )
-    (run_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
+    record = {"status": "completed", "started_at": started_at, **summary.model_dump()}
+    (run_dir / "summary.json").write_text(json.dumps(record, indent=2))
     echo(
         f"rows: {summary.rows_read} read, {summary.rows_written} written, "
         f"{summary.rows_rejected} rejected in {summary.elapsed_s:.1f} s "
         f"({summary.rows_per_s:,.0f} rows/s)\npredictions: {output}\nrun directory: {run_dir}"
     )
     return summary
-
-
-class _ProgressPrinter:
-    """Prints inference progress (rows done, rows/s, ETA) at most every ``every_s`` seconds."""
-
-    def __init__(self, echo: Echo, every_s: float = 5.0):
-        self.echo, self.every_s, self.last = echo, every_s, time.monotonic()
-
-    def __call__(self, update: Any) -> None:
-        from raytorch.engine.predict_report import progress_line
-
-        now = time.monotonic()
-        done = update.rows_total is not None and update.rows_done >= update.rows_total
-        if now - self.last < self.every_s and not done:
-            return
-        self.last = now
-        self.echo(progress_line(update))
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,39 @@ def entrypoint(kind: str, job_file: str, overrides: Sequence[str]) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
+@dataclass(frozen=True)
+class Naming:
+    """How a submission is named: the Ray job after the run, found in ``ray job list``."""
+
+    submission_id: str
+    overrides: list[str]  # added to the job's command line (the run name decided here)
+    metadata: dict[str, str]
+    run_name: str | None = None
+    run_dir: str | None = None
+
+
+def name_submission(job: Any, job_file: str) -> Naming:
+    """Decide a training job's run name here, so the Ray job, its metadata and the run
+    directory share it; a prediction job is named after the job."""
+    from raytorch.jobs.run import new_run_name
+
+    metadata = {"raytorch.kind": job.kind, "raytorch.job_file": job_file}
+    if job.kind != "train":
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        metadata["raytorch.name"] = job.name
+        return Naming(f"raytorch-{job.name}-{stamp}", [], metadata)
+    trainer = job.trainer
+    chosen = trainer.run_name is not None
+    run_name = trainer.run_name or new_run_name(trainer.identifier)
+    storage = str(trainer.storage_path)
+    run_dir = f"{storage.rstrip('/')}/{run_name}"
+    metadata.update({"raytorch.run_name": run_name, "raytorch.storage_path": storage})
+    # A run name the job chose may be submitted again (to resume): its Ray job ids must differ.
+    suffix = f"-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}" if chosen else ""
+    overrides = [] if chosen else [f"trainer.run_name={run_name}"]
+    return Naming(f"{run_name}{suffix}", overrides, metadata, run_name, run_dir)
+
+
 def _submit(args: argparse.Namespace) -> int:
     from raytorch.jobs.files import load_job
 
@@ -99,12 +133,10 @@ def _submit(args: argparse.Namespace) -> int:
     job = load_job(job_path, args.overrides)
     excludes = [*DEFAULT_EXCLUDES, *args.exclude]
     count, size = check_upload(working_dir, excludes, args.max_upload_mib)
-    command = entrypoint(
-        job.kind, job_path.relative_to(working_dir.resolve()).as_posix(), args.overrides
-    )
-    submission_id = args.submission_id or (
-        f"raytorch-{job.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    )
+    relative = job_path.relative_to(working_dir.resolve()).as_posix()
+    naming = name_submission(job, relative)
+    command = entrypoint(job.kind, relative, [*args.overrides, *naming.overrides])
+    submission_id = args.submission_id or naming.submission_id
     runtime_env: dict[str, Any] = {
         "working_dir": str(working_dir.resolve()),
         "excludes": excludes,
@@ -116,9 +148,14 @@ def _submit(args: argparse.Namespace) -> int:
     client = JobSubmissionClient(address)
     _echo(f"uploading {count} files ({size / 2**20:.1f} MiB) from {working_dir.resolve()}")
     job_id = client.submit_job(
-        entrypoint=command, runtime_env=runtime_env, submission_id=submission_id
+        entrypoint=command,
+        runtime_env=runtime_env,
+        submission_id=submission_id,
+        metadata=naming.metadata,
     )
     _echo(f"submitted {job_id}: {command}")
+    if naming.run_dir:
+        _echo(f"run {naming.run_name}: its run directory on the cluster is {naming.run_dir}")
     if args.no_wait:
         _echo(f"follow it with: ray job logs --address {address} --follow {job_id}")
         return 0

@@ -204,3 +204,35 @@ def test_debug_shows_the_traceback(monkeypatch) -> None:
     monkeypatch.setitem(cli._COMMANDS, "check", fail)
     with pytest.raises(ConfigError, match="Adamm"):
         main(["check", "job.yaml", "--debug"])
+
+
+def test_a_submitted_training_job_is_named_after_its_run(tmp_path):
+    from raytorch.jobs.files import load_job
+    from raytorch.jobs.submit import entrypoint, name_submission
+
+    root = Path(__file__).resolve().parents[2]
+    job = load_job(root / "jobs" / "train_digits.yaml")
+    naming = name_submission(job, "jobs/train_digits.yaml")
+    run_name = naming.run_name
+    assert run_name is not None and run_name.startswith(f"{job.trainer.identifier}-")
+    assert naming.submission_id == run_name  # `ray job list` shows the run's name
+    assert naming.overrides == [f"trainer.run_name={run_name}"]  # the cluster uses that name
+    assert naming.metadata["raytorch.run_name"] == run_name
+    assert naming.metadata["raytorch.kind"] == "train"
+    assert naming.run_dir == f"{job.trainer.storage_path.rstrip('/')}/{run_name}"
+    command = entrypoint("train", "jobs/train_digits.yaml", naming.overrides)
+    assert command.endswith(f"trainer.run_name={run_name}")
+    # The override round-trips to the same run name (YAML reads it as a string).
+    rerun = load_job(root / "jobs" / "train_digits.yaml", naming.overrides)
+    assert rerun.trainer.run_name == run_name
+
+    # A run name the job chose may be submitted again to resume it: a fresh Ray job id each time.
+    chosen = load_job(root / "jobs" / "train_digits.yaml", ["trainer.run_name=mine"])
+    first, second = (name_submission(chosen, "j.yaml") for _ in range(2))
+    assert first.overrides == [] and first.run_name == "mine"
+    assert first.submission_id.startswith("mine-") and first.submission_id != second.submission_id
+
+    predict = load_job(root / "jobs" / "predict_parquet.yaml")
+    named = name_submission(predict, "jobs/predict_parquet.yaml")
+    assert named.submission_id.startswith(f"raytorch-{predict.name}-") and named.run_name is None
+    assert named.metadata["raytorch.kind"] == "predict"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -98,15 +99,14 @@ def test_train_digits_smoke(tmp_path: Path, ray_local, capsys: pytest.CaptureFix
 
 
 @pytest.mark.slow
-def test_predict_parquet_smoke(
-    tmp_path: Path, ray_local, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_predict_parquet_smoke(tmp_path: Path, ray_local, caplog: pytest.LogCaptureFixture) -> None:
     job = load_job(
         JOBS / "predict_parquet.yaml",
         ["data.rows=3000", f"data.kwargs.directory={tmp_path}/data", f"output.dir={tmp_path}/runs"],
     )
     assert isinstance(job, PredictJob)
-    summary = run_predict(job)
+    with caplog.at_level(logging.INFO, logger="raytorch"):
+        summary = run_predict(job)
     (run_dir,) = (tmp_path / "runs").iterdir()
     written = json.loads((run_dir / "summary.json").read_text())
     assert written["rows_read"] == written["rows_written"] == 3000 == summary.rows_written
@@ -114,7 +114,9 @@ def test_predict_parquet_smoke(
     assert predictions.num_rows == 3000
     assert sorted(predictions.column("id").to_pylist()) == list(range(3000))
     assert (run_dir / "job.yaml").is_file()
-    assert "predict: 3,000/3,000 rows (100%)" in capsys.readouterr().out
+    # Progress goes through the raytorch logger, as training's does (plain lines: no terminal).
+    assert any(m.startswith("predict: 3,000/3,000 rows (100%)") for m in caplog.messages)
+    assert written["status"] == "completed" and written["started_at"]
 
 
 @pytest.mark.slow

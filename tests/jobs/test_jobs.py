@@ -349,3 +349,20 @@ def test_job_modules_reach_workers_by_value(tmp_path: Path, ray_local) -> None:
         cloudpickle.unregister_pickle_by_value(sys.modules[name])
         if str(tmp_path) in sys.path:
             sys.path.remove(str(tmp_path))
+
+
+def test_two_job_directories_with_a_module_of_the_same_name_each_get_their_own(tmp_path):
+    import importlib
+
+    from raytorch.jobs.files import python_path
+
+    for value in (1, 2):
+        (tmp_path / f"job{value}").mkdir()
+        (tmp_path / f"job{value}" / "shared_name_mod.py").write_text(f"number = {value}\n")
+    try:
+        for value in (1, 2, 1):
+            with python_path(tmp_path / f"job{value}", ["."]):
+                module = importlib.import_module("shared_name_mod")
+                assert module.number == value
+    finally:
+        sys.modules.pop("shared_name_mod", None)

@@ -151,6 +151,10 @@ def test_raytorch_submit_follows_a_predict_job_to_its_outputs(head: Head, tmp_pa
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rows_read"] == summary["rows_written"] == 3000
     assert (run_dir / "job.yaml").is_file() and (run_dir / "predictions").is_dir()
+    with urllib.request.urlopen(f"{head.address}/api/jobs/e2e-predict", timeout=10) as reply:
+        metadata = json.load(reply)["metadata"]  # found in `ray job list` and the dashboard
+    assert metadata["raytorch.kind"] == "predict"
+    assert metadata["raytorch.job_file"] == "jobs/predict_parquet.yaml"
 
 
 def test_plain_ray_job_submit_runs_the_cli_on_the_cluster(head: Head) -> None:

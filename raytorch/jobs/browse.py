@@ -1,0 +1,405 @@
+"""``raytorch runs`` and ``raytorch show``: the run directories under a storage path, read back.
+
+A training run is a directory with ``result.json`` (written last, so a directory without one is
+still running or was killed); a prediction run (``raytorch predict``) has ``summary.json``.
+Every value read from those files is type-checked before it is shown: a damaged file shows as
+such in its row and never stops the listing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raytorch.core.errors import ConfigError
+
+
+@dataclass
+class RunInfo:
+    """One row of ``raytorch runs``."""
+
+    path: str
+    name: str
+    kind: str  # train, predict, or ? (no result yet)
+    status: str
+    started: str = ""
+    duration_s: float | None = None
+    best: str = ""  # "<key>=<value>"
+    best_iteration: int | None = None
+    stop_reason: str = ""
+    restarts: int | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _read_json(path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the object, None), (None, None) when absent, or (None, why it is unreadable)."""
+    from raytorch.engine.fs import read_bytes
+
+    try:
+        raw = read_bytes(path)
+    except OSError as exc:
+        return None, f"unreadable ({exc})"
+    if raw is None:
+        return None, None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None, "damaged (not JSON)"
+    if not isinstance(data, dict):
+        return None, "damaged (not an object)"
+    return data, None
+
+
+def _mtime(path: str) -> str:
+    try:
+        stamp = os.path.getmtime(path)
+    except OSError:
+        return ""
+    return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="seconds")
+
+
+def read_run(path: str) -> RunInfo | None:
+    """The row of one run directory, or None when it is no raytorch run directory."""
+    from raytorch.engine.fs import is_uri, join
+
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    result, problem = _read_json(join(path, "result.json"))
+    if result is not None or problem is not None:
+        return _train_row(path, name, result, problem)
+    summary, problem = _read_json(join(path, "summary.json"))
+    if summary is not None or problem is not None:
+        return _predict_row(path, name, summary, problem)
+    started = "" if is_uri(path) else _mtime(join(path, "job.yaml"))
+    markers = ("job.yaml", "checkpoints")
+    if not is_uri(path) and any(Path(path, m).exists() for m in markers):
+        return RunInfo(path, name, "?", "no result (running, or killed)", started=started)
+    return None
+
+
+def _train_row(path: str, name: str, result: dict[str, Any] | None, problem: str | None) -> RunInfo:
+    if result is None:
+        return RunInfo(path, name, "train", f"result.json {problem}")
+    status = _text(result.get("status")) or "result.json damaged (no status)"
+    timings = result.get("timings")
+    total = _number(timings.get("total_s")) if isinstance(timings, Mapping) else None
+    listen, value = _text(result.get("listen")), _number(result.get("best_value"))
+    iteration = _number(result.get("best_iteration"))
+    restarts = result.get("restarts")
+    reason = _text(result.get("stop_reason"))
+    if status == "failed":
+        reason = _text(result.get("error"))[:60]
+    return RunInfo(
+        path,
+        _text(result.get("run_name")) or name,
+        "train",
+        status,
+        started=_text(result.get("started_at")),
+        duration_s=total,
+        best="" if value is None else f"{listen or 'best'}={value:.4g}",
+        best_iteration=None if iteration is None else int(iteration),
+        stop_reason=reason,
+        restarts=len(restarts) if isinstance(restarts, list) else None,
+        summary=result,
+    )
+
+
+def _predict_row(
+    path: str, name: str, summary: dict[str, Any] | None, problem: str | None
+) -> RunInfo:
+    if summary is None:
+        return RunInfo(path, name, "predict", f"summary.json {problem}")
+    rows = _number(summary.get("rows_written"))
+    rejected = _number(summary.get("rows_rejected"))
+    detail = "" if rows is None else f"{int(rows):,} rows written"
+    if rejected:
+        detail += f", {int(rejected):,} rejected"
+    return RunInfo(
+        path,
+        name,
+        "predict",
+        _text(summary.get("status")) or "completed",
+        started=_text(summary.get("started_at")),
+        duration_s=_number(summary.get("elapsed_s")),
+        stop_reason=detail,
+        summary=summary,
+    )
+
+
+def scan_runs(directory: str) -> list[RunInfo]:
+    """The runs directly under ``directory`` (a path or URI), oldest first; ``directory`` may be
+    one run directory itself.
+
+    Raises:
+        ConfigError: ``directory`` does not exist.
+    """
+    from pyarrow import fs
+
+    from raytorch.engine.fs import is_uri, resolve
+
+    own = read_run(directory)
+    if own is not None:
+        return [own]
+    filesystem, root = resolve(directory)
+    info = filesystem.get_file_info(root)
+    if info.type != fs.FileType.Directory:
+        raise ConfigError(
+            f"{directory} is not a directory; give the storage path of your runs "
+            "(trainer.storage_path, default runs/)"
+        )
+    children = filesystem.get_file_info(fs.FileSelector(root))
+    rows = []
+    for child in sorted(children, key=lambda c: c.path):
+        if child.type != fs.FileType.Directory:
+            continue
+        path = child.path if not is_uri(directory) else f"{directory.rstrip('/')}/{child.base_name}"
+        row = read_run(path)
+        if row is not None:
+            rows.append(row)
+    rows.sort(key=lambda r: (r.started or "~", r.name))
+    return rows
+
+
+def _duration(seconds: float | None) -> str:
+    from raytorch.core.live import duration
+
+    return "" if seconds is None or not math.isfinite(seconds) else duration(seconds)
+
+
+_COLUMNS = ("name", "kind", "status", "started", "duration", "best", "at", "stop", "restarts")
+
+
+def table_rows(runs: Sequence[RunInfo]) -> list[list[str]]:
+    """The table's cells, row by row (the header first)."""
+    out = [list(_COLUMNS)]
+    for run in runs:
+        out.append(
+            [
+                run.name,
+                run.kind,
+                run.status,
+                run.started.replace("+00:00", "Z"),
+                _duration(run.duration_s),
+                run.best,
+                "" if run.best_iteration is None else str(run.best_iteration),
+                run.stop_reason,
+                "" if run.restarts is None else str(run.restarts),
+            ]
+        )
+    return out
+
+
+def format_table(runs: Sequence[RunInfo]) -> str:
+    """Plain aligned columns (for a pipe or a log as much as for a person)."""
+    rows = table_rows(runs)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+
+
+def find_run(run: str, directory: str = "runs") -> str:
+    """A run directory from a path, or from a run name (or a unique prefix of one) under
+    ``directory``.
+
+    Raises:
+        ConfigError: no such run, or a prefix that names several.
+    """
+    from raytorch.engine.fs import is_uri
+
+    if is_uri(run) or Path(run).is_dir():
+        return run
+    base, prefix = Path(directory), run
+    if "/" in run:  # runs/digits-2026: a prefix under that directory
+        base, prefix = Path(run).parent, Path(run).name
+    matches = sorted(p for p in base.glob(f"{prefix}*") if p.is_dir()) if base.is_dir() else []
+    exact = [p for p in matches if p.name == prefix]
+    if exact or len(matches) == 1:
+        return str((exact or matches)[0])
+    if matches:
+        names = ", ".join(p.name for p in matches[:8])
+        raise ConfigError(
+            f"{run!r} names {len(matches)} runs under {directory} ({names}); give more of the name"
+        )
+    raise ConfigError(
+        f"no run {run!r}: not a directory, and no run directory under {directory} starts with it; "
+        "`raytorch runs DIR` lists the runs there"
+    )
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, Mapping) and config:
+        out: dict[str, Any] = {}
+        for key, value in config.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): config}
+
+
+def _job_header(text: str) -> tuple[str | None, list[str]]:
+    """The job file and the overrides recorded in a run's ``job.yaml`` header."""
+    source, overrides = None, []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        if line.startswith("# source: "):
+            source = line.removeprefix("# source: ").strip()
+        elif line.startswith("# overrides: "):
+            try:
+                parsed = json.loads(line.removeprefix("# overrides: "))
+            except ValueError:
+                parsed = []
+            overrides = [str(o) for o in parsed] if isinstance(parsed, list) else []
+    return source, overrides
+
+
+def config_differences(run_dir: str) -> list[str]:
+    """How the run's configuration differs from its job file as that file reads now (the
+    command line's overrides, and any edit since), or, for a run started from Python, from
+    the trainer's defaults."""
+    from raytorch.engine.fs import join, read_bytes
+
+    raw = read_bytes(join(run_dir, "job.yaml"))
+    if raw is None:
+        return _differences_from_defaults(run_dir)
+    text = raw.decode(errors="replace")
+    source, overrides = _job_header(text)
+    lines = [f"job file: {source or '(not recorded)'}"]
+    if overrides:
+        lines.append(f"overrides: {' '.join(overrides)}")
+    if source is None:
+        return lines
+    try:
+        ran = yaml.safe_load(text)
+        current = yaml.safe_load(Path(source).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        return [*lines, f"(the job file cannot be read now: {exc})"]
+    if not isinstance(ran, dict) or not isinstance(current, dict):
+        return [*lines, "(a job file is not a mapping)"]
+    ran.pop("python_path", None)  # written absolute in the run's copy
+    current.pop("python_path", None)
+    a, b = _flatten(current), _flatten(ran)
+    diffs = [
+        f"  {key}: {a.get(key, '(unset)')!r} in the file, {b.get(key, '(unset)')!r} in this run"
+        for key in sorted(set(a) | set(b))
+        if key not in ("kind", "name") and a.get(key) != b.get(key)
+    ]
+    return [
+        *lines,
+        "differences from the job file:" if diffs else "no differences from the job file",
+        *diffs,
+    ]
+
+
+def _differences_from_defaults(run_dir: str) -> list[str]:
+    from raytorch.engine.fs import join
+
+    result, _ = _read_json(join(run_dir, "result.json"))
+    config = result.get("config") if result else None
+    if not isinstance(config, dict):
+        return ["config: not recorded"]
+    from raytorch.core.config import TrainerConfig
+
+    defaults = TrainerConfig.model_construct().model_dump(
+        mode="json", exclude={"optimizer_state"}, fallback=repr
+    )
+    flat_defaults = _flatten(defaults)
+    flat = _flatten(config)
+    changed = [
+        f"  {key}: {flat[key]!r}"
+        for key in sorted(flat)
+        if key in flat_defaults and flat[key] != flat_defaults[key]
+    ]
+    required = [f"  {k}: {flat[k]!r}" for k in sorted(flat) if k not in flat_defaults]
+    return [
+        "started from Python (no job file); settings other than the defaults:",
+        *required,
+        *changed,
+    ]
+
+
+def show_lines(run_dir: str) -> list[str]:
+    """The summary of one run, as ``raytorch show`` prints it."""
+    from raytorch.engine.fs import join, read_bytes
+
+    row = read_run(run_dir)
+    if row is None:
+        raise ConfigError(
+            f"{run_dir} is not a raytorch run directory (no result.json, summary.json or job.yaml)"
+        )
+    lines = [
+        f"run: {row.name}",
+        f"kind: {row.kind}",
+        f"status: {row.status}",
+        f"started: {row.started or '?'}"
+        + (f", took {_duration(row.duration_s)}" if row.duration_s else ""),
+    ]
+    s = row.summary
+    if row.kind == "train" and s:
+        message = _text(s.get("stop_message")) or _text(s.get("error"))
+        if row.stop_reason:
+            lines.append(f"stopped: {row.stop_reason}" + (f" ({message})" if message else ""))
+        if _number(s.get("stopped_iteration")) is not None:
+            lines.append(f"iterations: {int(s['stopped_iteration'])}, epochs: {s.get('epochs')}")
+        if row.best:
+            lines.append(f"best: {row.best} at iteration {row.best_iteration}")
+        last = s.get("last")
+        if isinstance(last, Mapping):
+            finals = [
+                f"{k}={v:.4g}" for k, v in last.items() if "/" in str(k) and _number(v) is not None
+            ]
+            if finals:
+                lines.append("final: " + " ".join(finals))
+        devices = s.get("devices")
+        if isinstance(devices, list):
+            lines.append(
+                f"workers: {s.get('num_workers')}, devices: {', '.join(map(str, devices))}"
+            )
+        restarts = s.get("restarts")
+        if isinstance(restarts, list):
+            for r in restarts:
+                if isinstance(r, Mapping):
+                    lines.append(f"restart at iteration {r.get('iteration')}: {r.get('reason')}")
+        loggers = s.get("loggers")
+        if isinstance(loggers, Mapping):
+            for name, record in loggers.items():
+                lines.append(f"logger {name}: {json.dumps(record)}")
+    elif row.kind == "predict" and s:
+        lines.append(f"rows: {row.stop_reason}")
+        lines.append(f"predictions: {s.get('output')}")
+    files = [
+        ("learning curve", "learning_curve.png"),
+        ("history", "history.csv"),
+        ("model (best)", "checkpoints/best"),
+        ("model (last)", "checkpoints/last"),
+        ("tensorboard", "tensorboard"),
+        ("job as run", "job.yaml"),
+    ]
+    for label, rel in files:
+        target = join(run_dir, rel)
+        exists = Path(target).exists() if "://" not in target else read_bytes(target) is not None
+        if exists:
+            lines.append(f"{label}: {target}")
+    return [*lines, *config_differences(run_dir)]
