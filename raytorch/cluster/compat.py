@@ -11,6 +11,8 @@ import contextlib
 import fnmatch
 import logging
 import os
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,12 +94,28 @@ def upload_files(root: Path, excludes: Sequence[str]) -> list[tuple[Path, int]]:
     return found
 
 
+class _DropProgressNotice(logging.Filter):
+    """Drops Ray Data's "Progress bars disabled" warning: raytorch turned them off itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars")
+
+
+_PROGRESS_NOTICE = _DropProgressNotice()
+# The module that warns when a pipeline runs with progress bars off (Ray 2.5x).
+_PROGRESS_LOGGER = "ray.data._internal.progress"
+
+
 def quiet_ray_loggers() -> None:
-    """Raise Ray-internal loggers that only add noise (in Ray worker processes only)."""
+    """Raise Ray-internal loggers that only add noise (in Ray worker processes only): the
+    worker setup hook of every Ray that raytorch starts or joins."""
     if logging.getLogger("raytorch").isEnabledFor(logging.DEBUG):
         return
     for name, level in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    # Ray Train's own DataConfig still passes ExecutionOptions.exclude_resources (Ray 2.60).
+    warnings.filterwarnings("ignore", message=r".*exclude_resources.* is deprecated")
+    logging.getLogger(_PROGRESS_LOGGER).addFilter(_PROGRESS_NOTICE)
 
 
 _DATA_KNOBS = {"enable_progress_bars": False, "print_on_execution_start": False}
@@ -119,6 +137,8 @@ def quiet_ray_data_here() -> None:
             setattr(ctx, knob, value)
     debug = logging.getLogger("raytorch").isEnabledFor(logging.DEBUG)
     logging.getLogger("ray.data").setLevel(logging.INFO if debug else logging.WARNING)
+    if not debug:
+        logging.getLogger(_PROGRESS_LOGGER).addFilter(_PROGRESS_NOTICE)
 
 
 @contextlib.contextmanager
@@ -138,6 +158,7 @@ def quiet_ray_data() -> Iterator[None]:
         for knob, value in saved.items():
             setattr(ctx, knob, value)
         data_logger.setLevel(level)
+        logging.getLogger(_PROGRESS_LOGGER).removeFilter(_PROGRESS_NOTICE)
 
 
 def recorded_address() -> str | None:
@@ -153,3 +174,70 @@ def recorded_address() -> str | None:
     except Exception:
         return None
     return found or None
+
+
+# Ray's C++ core worker writes this to the driver's stderr for every Ray Data actor pool: Ray Data
+# always passes its map transformer by reference to pool actors, which it restarts (max_restarts
+# -1). It is Ray's internals, not a problem of the run; the actors do get their arguments.
+CONSTRUCTOR_ARGS_NOTICE = b"has constructor arguments in the object store and max_restarts > 0"
+
+
+@contextlib.contextmanager
+def drop_stderr_lines(*needles: bytes) -> Iterator[None]:
+    """Drop lines containing any of ``needles`` from this process's file descriptor 2 (where
+    Ray's C++ code logs) for a block; every other line is passed on as it comes.
+
+    Nothing is dropped with the ``raytorch`` logger at DEBUG, or where fd 2 cannot be swapped.
+    """
+    import threading
+
+    if logging.getLogger("raytorch").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (an embedded interpreter)
+        yield
+        return
+
+    def forward() -> None:
+        pending = b""
+        with os.fdopen(read_end, "rb", buffering=0) as source:
+            while True:
+                try:
+                    chunk = source.read(65536)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    break
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if not any(n in line for n in needles):
+                        _write_all(saved, line + b"\n")
+        if pending and not any(n in pending for n in needles):
+            _write_all(saved, pending)
+
+    thread = threading.Thread(target=forward, name="raytorch-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer is gone: the thread drains it and ends
+        thread.join(timeout=5)
+        if not thread.is_alive():  # else a process started in the block holds the pipe open
+            os.close(saved)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError:
+        pass  # the terminal went away: nothing to show the line on

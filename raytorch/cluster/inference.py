@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raytorch.cluster.compat import quiet_ray_data
+from raytorch.cluster.compat import CONSTRUCTOR_ARGS_NOTICE, drop_stderr_lines, quiet_ray_data
 from raytorch.cluster.session import check_schedulable, cluster_nodes, ensure_ray, ray_env
 from raytorch.core.errors import (
     ColumnError,
@@ -510,7 +510,8 @@ def predict(
     if todo is None or todo:
         with ray_env(), quiet_ray_data():
             ensure_ray()
-            startup, rows_run = _execute(plan, records, todo, progress, progress_interval_s)
+            with drop_stderr_lines(CONSTRUCTOR_ARGS_NOTICE):  # Ray's own, on every pool
+                startup, rows_run = _execute(plan, records, todo, progress, progress_interval_s)
     _finalize(plan, records)
     summary = _summary(plan.layout, records, skipped, started, startup, rows_run)
     logger.info(

@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ class _FitPlan:
     run_dir: Path | str
     resume: str | None
     started_at: str  # ISO 8601, UTC
+    stamps: dict[str, float] = field(default_factory=dict)  # driver times of the phases
 
 
 class TorchTrainer(TrainerConfig):
@@ -135,8 +136,10 @@ class TorchTrainer(TrainerConfig):
                 logger.info("run %s already finished; training again as %s", run_dir, run_name)
         with ray_env(), quiet_ray_data():
             ensure_ray()
+            ray_up = time.time()
             run = self._plan(model, train_data, valid_data, run_name)
             monitor = self._monitor(run)
+            run.stamps = {"fit": started, "ray": ray_up, "planned": time.time()}
             out = self._execute(model, run, monitor)
         return self._finalize(model, run, out, started, monitor)
 
@@ -234,6 +237,7 @@ class TorchTrainer(TrainerConfig):
             "samples_per_s": out.samples / out.train_s if out.train_s > 0 else math.nan,
         }
         timings.update(_steady_timings(out.extra))
+        timings.update(_startup_phases(run.stamps, out))
         weights = out.best_state_dict if self.restore_best and out.best_state_dict else None
         model.object.load_state_dict(weights or out.final_state_dict)
         model.object.to("cpu")
@@ -367,6 +371,22 @@ class TorchTrainer(TrainerConfig):
                 "loader_kwargs.batch_size or give more data"
             )
         return counts
+
+
+def _startup_phases(stamps: dict[str, float], out: LoopResult) -> dict[str, float]:
+    """``startup_s`` split: Ray start (or join), the driver's data planning, the worker's start
+    (scheduling, process, imports, arguments), its set-up (device, data, optimizer) and the
+    first validation before the first step. Worker times are wall clocks of its node."""
+    entered, set_up = out.extra.get("entered_at"), out.extra.get("setup_at")
+    if not stamps or entered is None or set_up is None:
+        return {}
+    return {
+        "startup_ray_s": stamps["ray"] - stamps["fit"],
+        "startup_plan_s": stamps["planned"] - stamps["ray"],
+        "startup_worker_s": max(0.0, float(entered) - stamps["planned"]),
+        "startup_setup_s": max(0.0, float(set_up) - float(entered)),
+        "startup_first_step_s": max(0.0, out.first_step_time - float(set_up)),
+    }
 
 
 def _row_map(cfg: TrainerConfig, model: Any) -> Any:

@@ -30,8 +30,25 @@ MetricFn = Callable[[Any, Any], Any]
 _F64 = torch.float64
 
 
-def _pair(total: Any, count: float) -> torch.Tensor:
-    """A ``[sum, count]`` state on the CPU; ``float()`` is the one device sync per metric."""
+def as_state(value: torch.Tensor) -> torch.Tensor:
+    """``value`` as float64 where it is: on the device (no host sync), or on the CPU for MPS,
+    which has no float64."""
+    value = value.detach()
+    if value.device.type == "mps":
+        value = value.cpu()
+    return value.to(_F64)
+
+
+def _pair(total: Any, count: Any) -> torch.Tensor:
+    """A ``[sum, count]`` state. A tensor ``total`` keeps it on its device: a validation then
+    syncs with the host once, when the merged states are read, not once per batch and metric."""
+    if isinstance(total, torch.Tensor):
+        t = as_state(total).reshape(())
+        if isinstance(count, torch.Tensor):
+            n = as_state(count).reshape(()).to(t.device)
+        else:
+            n = torch.full((), float(count), dtype=_F64, device=t.device)
+        return torch.stack((t, n))
     return torch.tensor([float(total), float(count)], dtype=_F64)
 
 
@@ -155,7 +172,8 @@ class Objective(_MeanMetric):
                     f"metric {self.name!r} needs the objective's batch mean (one number), got a "
                     f"loss of shape {tuple(loss.shape)}; use reduction='mean' in the objective"
                 )
-            loss = loss.detach()  # float() of a tensor that requires grad warns
+            loss = loss.detach().reshape(())
+            return _pair(as_state(loss) * rows, rows)
         return _pair(float(loss) * rows, rows)
 
 
@@ -260,6 +278,8 @@ class CallableMetric(_MeanMetric):
         if rows == 0:
             return torch.zeros(2, dtype=_F64)
         value = self.fn(outputs, targets)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return _pair(as_state(value).reshape(()) * rows, rows)  # stays on its device
         try:
             number = float(value)
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -482,15 +502,21 @@ class MetricAccumulator:
                     f"metric {metric.name!r}.update returned shape {tuple(contribution.shape)}; "
                     f"it must return a 1-D tensor of state_size={metric.state_size} values"
                 )
-            # a user Metric may return float32 or a GPU tensor; .to() is free for the built-ins
             if metric.state_size:
-                parts.append(contribution.to(device="cpu", dtype=_F64))
+                parts.append(as_state(contribution))
         if parts:
+            # The state lives where the batches are (no host sync per batch); a user Metric's
+            # CPU contribution joins it there.
+            device = parts[0].device
+            vector = torch.cat([p.to(device) for p in parts])
+            if self._state.device != device:
+                self._state = self._state.to(device)
             # one add of the whole vector: slice-adds per metric cost more than the metrics
-            self._state.add_(torch.cat(parts))
+            self._state.add_(vector)
 
     def state(self) -> torch.Tensor:
-        """A copy of the running state vector (safe to all-reduce in place)."""
+        """A copy of the running state vector (safe to all-reduce in place), on the device the
+        batches were on."""
         return self._state.clone()
 
     def reset(self) -> None:
@@ -510,7 +536,7 @@ class MetricAccumulator:
         Raises:
             ValueError: ``state`` does not have this accumulator's length.
         """
-        vector = self._state if state is None else state.detach().to(device="cpu", dtype=_F64)
+        vector = (self._state if state is None else state).detach().to(device="cpu", dtype=_F64)
         if vector.shape != self._state.shape:
             raise ValueError(
                 f"state has shape {tuple(vector.shape)} but these metrics {self.names} need "

@@ -266,7 +266,8 @@ class _Loop(_CheckpointState):
             self.train_logs.state(train_keys),
             self.valid_logs.state(valid_keys),
         ]
-        merged = self.ctx.all_reduce_sum(torch.cat(parts))
+        # The one host sync of a validation: every state comes off the device together.
+        merged = self.ctx.all_reduce_sum(torch.cat([p.cpu() for p in parts]))
         a, b, c = (sum(p.numel() for p in parts[:i]) for i in (1, 2, 3))
         if self.train_acc is not None:
             values = self.train_acc.compute(merged[:a], prefix="train")
@@ -539,6 +540,11 @@ def run_loop(
     Returns:
         The history, stop reason, best and final weights (on the CPU) and timings.
     """
+    entered = time.time()
     loop = _Loop(model, cfg, ctx, seed)
     loop.setup()
-    return loop.run()
+    set_up = time.time()
+    result = loop.run()
+    # Wall-clock stamps for the driver's start-up phases (worker start, set-up, first step).
+    result.extra.update(entered_at=entered, setup_at=set_up)
+    return result

@@ -68,6 +68,10 @@ class TrainingResult(BaseModel):
         timings: ``startup_s`` (fit() to the first step), ``train_s``, ``total_s``,
             ``samples_per_s``; and ``steady_s``, ``steady_step_s``, ``steady_samples_per_s``,
             ``valid_s``: the training phase after its first step, validation time excluded.
+            ``startup_s`` split into ``startup_ray_s`` (start or join Ray), ``startup_plan_s``
+            (the driver's data checks and shards), ``startup_worker_s`` (scheduling, worker
+            processes, imports), ``startup_setup_s`` (device, data, optimizer, restore) and
+            ``startup_first_step_s`` (the validation at iteration 0, compile).
         num_workers, devices: the workers and the device of each rank (rank 0's when Ray Train
             returns one result).
         run_dir: the run directory; ``model``: the trained TorchModel.

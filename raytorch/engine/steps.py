@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from raytorch.core.errors import ConfigError
+from raytorch.core.metrics import as_state
 
 _F64 = torch.float64
 
@@ -65,7 +66,7 @@ class ScalarLogs:
 
     def add(self, logs: Mapping[str, torch.Tensor], rows: int) -> None:
         for key, value in logs.items():
-            weighted = value.detach().to(_F64) * rows
+            weighted = as_state(value) * rows  # on the device; MPS (no float64) on the CPU
             self.sums[key] = self.sums[key] + weighted if key in self.sums else weighted
             self.rows[key] = self.rows.get(key, 0.0) + rows
 

@@ -90,7 +90,7 @@ def _rows(col: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(col.combine_chunks().flatten()).reshape(len(col), -1)
 
 
-def test_parquet_outputs_equal_predict_batches(ray_local, parquet_dir, tmp_path):
+def test_parquet_outputs_equal_predict_batches(ray_local, parquet_dir, tmp_path, capfd):
     folder, x = parquet_dir
     model = _model()
     saved = model.save(tmp_path / "model")  # predict also takes a saved model's path
@@ -119,6 +119,8 @@ def test_parquet_outputs_equal_predict_batches(ray_local, parquet_dir, tmp_path)
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert sum(p["rows"] for p in manifest["parts"]) == 1200
     assert (tmp_path / "out" / "_SUCCESS").exists()
+    # A healthy run prints none of Ray's internals (its C++ notice about the pool's actors).
+    assert "constructor arguments in the object store" not in capfd.readouterr().err
 
 
 def test_table_preprocess_errors_dict_outputs_and_strict(ray_local, tmp_path):

@@ -76,6 +76,11 @@ def test_one_worker_trains_digits_in_a_ray_task(ray_local, digits, tmp_path, cap
     }
     assert result.seed == 0 and result.num_workers == 1 and result.devices == ["cpu"]
     assert result.timings["startup_s"] > 0 and result.timings["samples_per_s"] > 0
+    # start-up, split into its phases (they add up to it: one clock, one machine)
+    names = ("ray", "plan", "worker", "setup", "first_step")
+    phases = [result.timings[f"startup_{name}_s"] for name in names]
+    assert all(p >= 0 for p in phases)
+    assert sum(phases) == pytest.approx(result.timings["startup_s"], abs=1e-3)
     assert model.metric_values == result.history
     assert model.optimizer_state is not None
     # Progress reached the driver's raytorch logger, one line per validation.

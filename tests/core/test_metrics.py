@@ -445,3 +445,21 @@ def test_torchmetrics_objects_and_references_are_metrics():
             "f1": {"class": "torchmetrics.classification:BinaryF1Score", "kwargs": {"treshold": 1}}
         }
         TrainerConfig.model_validate({**base, "metric_values": bad})
+
+
+def test_states_stay_on_the_batches_device_so_a_batch_never_syncs_with_the_host():
+    # Meta tensors have no values: reading one on the host (float(), .item(), .cpu()) raises.
+    # Updates that pass here therefore never read a value back, which on a GPU means no stream
+    # sync per batch and metric; the one read is compute() after the merge.
+    acc = MetricAccumulator(
+        resolve_metrics(
+            {"objective": "objective", "accuracy": "accuracy", "mean_out": lambda o, t: o.mean()}
+        )
+    )
+    outputs = torch.empty(8, 3, device="meta")
+    targets = torch.empty(8, dtype=torch.long, device="meta")
+    for _ in range(3):
+        acc.update(outputs, targets, torch.empty((), device="meta"))
+    assert acc.state().device.type == "meta"
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        float(acc.state()[0])  # what the old per-batch float() did

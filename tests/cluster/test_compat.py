@@ -1,0 +1,48 @@
+"""Ray's own noise kept out of a healthy run's output, and only that."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from raytorch.cluster.compat import drop_stderr_lines, quiet_ray_loggers
+
+
+def test_only_the_named_lines_are_dropped_from_fd_2_and_fd_2_is_restored(capfd):
+    with drop_stderr_lines(b"NOISE"):
+        os.write(2, b"keep one\n[core_worker.cc] NOISE from C++\nkeep two\n")
+        os.write(2, b"a line in two ")
+        os.write(2, b"writes\nlast line without newline")
+    os.write(2, b"\nafter the block NOISE\n")  # restored: nothing is filtered any more
+    err = capfd.readouterr().err
+    assert err == (
+        "keep one\nkeep two\na line in two writes\nlast line without newline\n"
+        "after the block NOISE\n"
+    )
+
+
+def test_at_debug_nothing_is_dropped(capfd):
+    raytorch_logger = logging.getLogger("raytorch")
+    level = raytorch_logger.level
+    raytorch_logger.setLevel(logging.DEBUG)
+    try:
+        with drop_stderr_lines(b"NOISE"):
+            os.write(2, b"NOISE shown at debug\n")
+    finally:
+        raytorch_logger.setLevel(level)
+    assert capfd.readouterr().err == "NOISE shown at debug\n"
+
+
+def test_the_worker_hook_silences_the_progress_notice_and_the_deprecation(caplog, recwarn):
+    import warnings
+
+    with warnings.catch_warnings():
+        quiet_ray_loggers()  # what every Ray worker of raytorch's runs at start
+        warnings.warn("`ExecutionOptions.exclude_resources` is deprecated", DeprecationWarning)
+        warnings.warn("something else is deprecated", DeprecationWarning)
+    notices = logging.getLogger("ray.data._internal.progress")
+    with caplog.at_level(logging.WARNING, logger="ray.data._internal.progress"):
+        notices.warning("Progress bars disabled. To enable, set ...")
+        notices.warning("a real problem")
+    assert [str(w.message) for w in recwarn] == ["something else is deprecated"]
+    assert caplog.messages == ["a real problem"]
