@@ -158,6 +158,11 @@ class RayContext(WorkerContext):
         dist.all_gather_object(out, obj)
         return out
 
+    def node(self) -> str:
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return tensor

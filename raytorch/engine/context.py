@@ -60,6 +60,12 @@ class WorkerContext:
         """Every rank's ``obj``, in rank order (called on all ranks at the same point)."""
         return [obj]
 
+    def node(self) -> str:
+        """The machine this rank runs on, as the cluster names it (here: the host name)."""
+        import socket
+
+        return socket.gethostname()
+
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         """Called on every rank at every validation (same count everywhere)."""
 
@@ -161,6 +167,8 @@ class LoopResult:
     extra: dict[str, Any] = field(default_factory=dict)
     # One entry per restart after a lost worker: {"iteration": ..., "reason": ...}.
     restarts: list[dict[str, Any]] = field(default_factory=list)
+    # One entry per rank, in rank order: {"rank", "node", "device"}.
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
 
 class TensorBatches:

@@ -201,3 +201,24 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     filesystem.create_dir(root.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(root) as f:
         f.write(data)
+
+
+# Set by Ray Jobs in the environment of a submitted job's entrypoint.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+DEFAULT_JOB_STORAGE = "~/raytorch_runs"
+
+
+def in_temporary_job_dir() -> bool:
+    """True in a submitted Ray job whose working directory is Ray's unpacked copy of the
+    submitted one (``.../runtime_resources/working_dir_files/_ray_pkg_<hash>``), which Ray
+    deletes later: nothing meant to last may be written under it."""
+    return RAY_JOB_ENV in os.environ and "working_dir_files" in Path.cwd().parts
+
+
+def lasting_path(path: str) -> str:
+    """``path``, unless it is relative inside a Ray job's temporary working directory: then the
+    same relative path under ``RAYTORCH_STORAGE_PATH`` (default ``~/raytorch_runs``)."""
+    if is_uri(path) or Path(path).expanduser().is_absolute() or not in_temporary_job_dir():
+        return path
+    base = Path(os.environ.get("RAYTORCH_STORAGE_PATH") or DEFAULT_JOB_STORAGE).expanduser()
+    return str(base / path)

@@ -495,6 +495,8 @@ class _Loop(_CheckpointState):
             samples = int(total.item())
         else:
             samples = self.samples
+        me = {"rank": self.ctx.rank, "node": self.ctx.node(), "device": str(self.device)}
+        workers = self.ctx.all_gather_object(me)
         return LoopResult(
             history=self.history,
             stop_reason=self.reason,
@@ -512,6 +514,7 @@ class _Loop(_CheckpointState):
             epochs=self.epoch,
             extra=self._steady_timings(samples),
             restarts=self.restarts,
+            workers=workers,
         )
 
     def _steady_timings(self, samples: int) -> dict[str, Any]:

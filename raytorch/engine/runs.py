@@ -72,8 +72,8 @@ class TrainingResult(BaseModel):
             (the driver's data checks and shards), ``startup_worker_s`` (scheduling, worker
             processes, imports), ``startup_setup_s`` (device, data, optimizer, restore) and
             ``startup_first_step_s`` (the validation at iteration 0, compile).
-        num_workers, devices: the workers and the device of each rank (rank 0's when Ray Train
-            returns one result).
+        num_workers, devices: the workers and the device of each rank, in rank order.
+        workers: each rank's ``rank``, ``node`` (its Ray node's IP address) and ``device``.
         run_dir: the run directory; ``model``: the trained TorchModel.
         final_state_dict: the last weights (the model holds the best ones when restore_best).
         status: ``completed``, or ``non_finite``/``diverged`` when training went wrong (the
@@ -107,6 +107,7 @@ class TrainingResult(BaseModel):
     restarts: list[dict[str, Any]] = Field(default_factory=list)
     resumed_from: str | None = None
     reused: bool = False
+    workers: list[dict[str, Any]] = Field(default_factory=list)  # rank, node, device
     listen: str | None = None  # the history key early stopping watched (best_value's)
     started_at: str | None = None  # ISO 8601, UTC
 
@@ -125,6 +126,7 @@ class TrainingResult(BaseModel):
             "seed": self.seed,
             "num_workers": self.num_workers,
             "devices": self.devices,
+            "workers": self.workers,
             "timings": self.timings,
             "restarts": self.restarts,
             "resumed_from": self.resumed_from,
@@ -217,8 +219,19 @@ class _staged:
 
 
 def _storage_path(path: str) -> str:
+    from raytorch.engine.fs import lasting_path
+
     if "://" in path:
         return path
+    if lasting_path(path) != path:
+        logger.warning(
+            "storage_path=%r is relative and this Ray job runs in a temporary copy of its working "
+            "directory that Ray deletes; run directories go to %s instead (set storage_path to "
+            "an s3://... URI or a shared absolute path, or RAYTORCH_STORAGE_PATH)",
+            path,
+            lasting_path(path),
+        )
+        path = lasting_path(path)
     resolved = Path(path).expanduser().resolve()
     resolved.mkdir(parents=True, exist_ok=True)
     return str(resolved)
@@ -445,6 +458,7 @@ def load_finished(
         timings=dict(summary.get("timings") or {}),
         num_workers=int(summary.get("num_workers", 1)),
         devices=list(summary.get("devices") or []),
+        workers=[w for w in summary.get("workers") or [] if isinstance(w, dict)],
         run_dir=run_dir,
         run_name=str(summary.get("run_name", "")),
         model=model,

@@ -372,8 +372,13 @@ def show_lines(run_dir: str) -> list[str]:
             ]
             if finals:
                 lines.append("final: " + " ".join(finals))
-        devices = s.get("devices")
-        if isinstance(devices, list):
+        devices, workers = s.get("devices"), s.get("workers")
+        if isinstance(workers, list) and workers:
+            lines.append(f"workers: {len(workers)}")
+            for w in workers:
+                if isinstance(w, Mapping):
+                    lines.append(f"  rank {w.get('rank')}: {w.get('device')} on {w.get('node')}")
+        elif isinstance(devices, list):
             lines.append(
                 f"workers: {s.get('num_workers')}, devices: {', '.join(map(str, devices))}"
             )

@@ -145,9 +145,14 @@ def run_train(job: TrainJob, *, address: str | None = None, echo: Echo = print) 
 
 
 def _run_train(job: TrainJob, echo: Echo) -> Any:
+    from raytorch.engine.fs import lasting_path
+
     trainer = job.trainer
     if trainer.run_name is None:
         trainer = trainer.model_copy(update={"run_name": new_run_name(trainer.identifier)})
+    if lasting_path(trainer.storage_path) != trainer.storage_path:  # in a Ray job's temp copy
+        trainer = trainer.model_copy(update={"storage_path": lasting_path(trainer.storage_path)})
+        echo(f"a Ray job's working directory is temporary: runs go to {trainer.storage_path}")
     if "://" not in trainer.storage_path:  # an object-storage URI gets the trainer's files only
         write_resolved(job, Path(trainer.storage_path) / str(trainer.run_name))
     model = build_model(job.model, job.name)
@@ -186,14 +191,16 @@ def run_predict(job: PredictJob, *, address: str | None = None, echo: Echo = pri
 
 def _run_predict(job: PredictJob, echo: Echo) -> Any:
     from raytorch.cluster.inference import predict
+    from raytorch.engine.fs import lasting_path
 
-    run_dir = Path(job.output.dir) / new_run_name(job.name)
+    run_dir = Path(lasting_path(str(job.output.dir))) / new_run_name(job.name)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_resolved(job, run_dir)
     # A saved model goes in by path, so the output records which model made it (resume checks).
     model = job.model.path or build_model(job.model, job.name)
     data = job.data.load()
-    output = job.output.predictions or str(run_dir / "predictions")
+    output = lasting_path(job.output.predictions) if job.output.predictions else None
+    output = output or str(run_dir / "predictions")
     echo(f"predicting {job.name}: run directory {run_dir}")
     summary = predict(
         model,

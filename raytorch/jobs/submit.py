@@ -105,6 +105,10 @@ def name_submission(job: Any, job_file: str) -> Naming:
     chosen = trainer.run_name is not None
     run_name = trainer.run_name or new_run_name(trainer.identifier)
     storage = str(trainer.storage_path)
+    if "://" not in storage and not Path(storage).expanduser().is_absolute():
+        # The job runs in a temporary copy of the working directory; a relative path is put
+        # under RAYTORCH_STORAGE_PATH there (raytorch.engine.fs.lasting_path).
+        storage = f"$RAYTORCH_STORAGE_PATH (default ~/raytorch_runs)/{storage.strip('/')}"
     run_dir = f"{storage.rstrip('/')}/{run_name}"
     metadata.update({"raytorch.run_name": run_name, "raytorch.storage_path": storage})
     # A run name the job chose may be submitted again (to resume): its Ray job ids must differ.

@@ -38,8 +38,10 @@ def test_the_worker_hook_silences_the_progress_notice_and_the_deprecation(caplog
 
     with warnings.catch_warnings():
         quiet_ray_loggers()  # what every Ray worker of raytorch's runs at start
-        warnings.warn("`ExecutionOptions.exclude_resources` is deprecated", DeprecationWarning)
-        warnings.warn("something else is deprecated", DeprecationWarning)
+        warnings.warn(
+            "`ExecutionOptions.exclude_resources` is deprecated", DeprecationWarning, stacklevel=1
+        )
+        warnings.warn("something else is deprecated", DeprecationWarning, stacklevel=1)
     notices = logging.getLogger("ray.data._internal.progress")
     with caplog.at_level(logging.WARNING, logger="ray.data._internal.progress"):
         notices.warning("Progress bars disabled. To enable, set ...")

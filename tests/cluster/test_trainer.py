@@ -75,6 +75,7 @@ def test_one_worker_trains_digits_in_a_ray_task(ray_local, digits, tmp_path, cap
         "valid/accuracy",
     }
     assert result.seed == 0 and result.num_workers == 1 and result.devices == ["cpu"]
+    assert [w["rank"] for w in result.workers] == [0] and result.workers[0]["device"] == "cpu"
     assert result.timings["startup_s"] > 0 and result.timings["samples_per_s"] > 0
     # start-up, split into its phases (they add up to it: one clock, one machine)
     names = ("ray", "plan", "worker", "setup", "first_step")
@@ -129,6 +130,17 @@ def test_two_workers_train_digits_on_ray_train_with_exact_validation(
 
     assert any("lowered to num_cpus=0.5" in r.getMessage() for r in caplog.records)
     assert result.num_workers == 2
+    # Every rank's node and device, not only rank 0's.
+    import ray
+
+    node = ray.util.get_node_ip_address()
+    assert result.workers == [
+        {"rank": 0, "node": node, "device": "cpu"},
+        {"rank": 1, "node": node, "device": "cpu"},
+    ]
+    assert result.devices == ["cpu", "cpu"]
+    saved = json.loads((result.run_dir / "result.json").read_text())
+    assert saved["workers"] == result.workers
     assert max(result.history["valid/accuracy"]) >= 0.9
     # Iteration 0 (same seeded weights, no update yet): the merged value over the two workers'
     # shards is the one-process value over all validation rows.

@@ -219,7 +219,8 @@ def test_a_submitted_training_job_is_named_after_its_run(tmp_path):
     assert naming.overrides == [f"trainer.run_name={run_name}"]  # the cluster uses that name
     assert naming.metadata["raytorch.run_name"] == run_name
     assert naming.metadata["raytorch.kind"] == "train"
-    assert naming.run_dir == f"{job.trainer.storage_path.rstrip('/')}/{run_name}"
+    # A relative storage_path is not used in the job's temporary working directory.
+    assert naming.run_dir == f"$RAYTORCH_STORAGE_PATH (default ~/raytorch_runs)/runs/{run_name}"
     command = entrypoint("train", "jobs/train_digits.yaml", naming.overrides)
     assert command.endswith(f"trainer.run_name={run_name}")
     # The override round-trips to the same run name (YAML reads it as a string).
@@ -236,3 +237,25 @@ def test_a_submitted_training_job_is_named_after_its_run(tmp_path):
     named = name_submission(predict, "jobs/predict_parquet.yaml")
     assert named.submission_id.startswith(f"raytorch-{predict.name}-") and named.run_name is None
     assert named.metadata["raytorch.kind"] == "predict"
+
+
+def test_inside_a_ray_job_a_relative_storage_path_lands_outside_the_temporary_copy(
+    tmp_path, monkeypatch
+):
+    from raytorch.engine.fs import lasting_path
+    from raytorch.engine.runs import _storage_path
+
+    copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert lasting_path("runs/") == "runs/"  # not a Ray job: as given
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.setenv("RAYTORCH_STORAGE_PATH", str(tmp_path / "kept"))
+    assert lasting_path("runs/") == str(tmp_path / "kept" / "runs")
+    assert lasting_path("s3://bucket/runs") == "s3://bucket/runs"
+    assert lasting_path(str(tmp_path / "abs")) == str(tmp_path / "abs")
+    # The trainer's storage resolves there, outside Ray's copy, and says so.
+    assert _storage_path("runs/") == str(tmp_path / "kept" / "runs")
+    assert not (copy / "runs").exists()
+    monkeypatch.chdir(tmp_path)  # a job started from a directory of the user's own
+    assert lasting_path("runs/") == "runs/"
