@@ -524,8 +524,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
-    # A root handler keeps raytorch's per-validation progress lines off (warnings still show).
+    # raytorch's per-validation progress lines off (warnings still show): tables only.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("raytorch").setLevel(logging.WARNING)
     print_machine()
 
     from raytorch.cluster.session import ensure_ray
