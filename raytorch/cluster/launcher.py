@@ -234,6 +234,7 @@ def _fit_ray_train(
             use_gpu=plan.use_gpu,
             resources_per_worker=plan.resources_per_worker(),
             accelerator_type=plan.options.get("accelerator_type"),
+            placement_strategy=cfg.compute_kwargs.placement_strategy,
         ),
         run_config=RunConfig(  # type: ignore[call-arg]
             name=run_name,

@@ -257,6 +257,11 @@ class TrainerConfig(BaseModel):
     num_interop_threads: int | None = Field(None, ge=1, description="torch inter-op threads")
     # Run directory and fault tolerance.
     storage_path: str = Field("runs/", description="where run directories are written")
+    storage_shared: bool = Field(
+        False,
+        description="storage_path is a file system every node mounts at the same path (NFS, "
+        "EFS, Lustre): allowed on a cluster of several nodes (a plain local path is refused)",
+    )
     run_name: str | None = Field(None, description="default '<identifier>-<UTC time>-<random>'")
     max_failures: int = Field(
         0,

@@ -8,7 +8,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,13 +22,64 @@ if TYPE_CHECKING:
 # Pure decisions
 
 
-def placeable(request: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> int:
-    """How many units of ``request`` the nodes can hold at once (pure; bin-packing per node)."""
-    total = 0
+def storage_problem(storage_path: str, shared: bool, node_count: int) -> str | None:
+    """Why a local ``storage_path`` cannot serve a cluster of ``node_count`` nodes, or None.
+
+    Workers write checkpoints where they run and the driver reads them where it runs: on several
+    nodes a local directory is a different one on each, so a restart would find no checkpoint.
+
+    >>> storage_problem("runs/", False, 1) is None, storage_problem("s3://b/runs", False, 3)
+    (True, None)
+    """
+    if node_count <= 1 or shared or "://" in storage_path:
+        return None
+    return (
+        f"storage_path={storage_path!r} is a local directory, and this cluster has {node_count} "
+        "nodes: each node would write its own copy, and a restart on another node would find no "
+        "checkpoint. Use object storage (storage_path: s3://bucket/runs), or a file system every "
+        "node mounts at the same path and say so with storage_shared: true"
+    )
+
+
+def per_node(request: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> list[int]:
+    """How many units of ``request`` each node can hold at once (pure)."""
+    counts = []
     for node in nodes:
         fits = [int(node.get(k, 0.0) // v) for k, v in request.items() if v > 0]
-        total += min(fits) if fits else 10**9
-    return total
+        counts.append(min(fits) if fits else 10**9)
+    return counts
+
+
+def placeable(request: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> int:
+    """How many units of ``request`` the nodes can hold at once (pure; bin-packing per node)."""
+    return sum(per_node(request, nodes))
+
+
+def placement_problem(
+    strategy: str | None, n: int, request: Mapping[str, float], nodes: Sequence[Mapping[str, float]]
+) -> str | None:
+    """Why ``n`` workers can never be placed with a strict ``strategy``, or None (pure).
+
+    >>> placement_problem("STRICT_SPREAD", 3, {"CPU": 1}, [{"CPU": 4}, {"CPU": 4}]).split(",")[1]
+    ' but only 2 node(s) of this cluster can hold one; lower num_workers'
+    """
+    counts = per_node(request, nodes)
+    if strategy == "STRICT_SPREAD" and sum(1 for c in counts if c >= 1) < n:
+        able = sum(1 for c in counts if c >= 1)
+        return (
+            f"compute_kwargs.placement_strategy=STRICT_SPREAD puts each of the {n} workers on a "
+            "node of its own, "
+            f"but only {able} node(s) of this cluster can hold one; lower num_workers, use SPREAD "
+            "(spread where possible), or add nodes"
+        )
+    if strategy == "STRICT_PACK" and max(counts, default=0) < n:
+        return (
+            f"compute_kwargs.placement_strategy=STRICT_PACK puts all {n} workers on one node, but "
+            f"no node of this cluster can hold more than {max(counts, default=0)}; use PACK (pack "
+            "where "
+            "possible) or lower num_workers"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -60,6 +111,9 @@ def plan_workers(cfg: TrainerConfig, nodes: Sequence[Mapping[str, float]]) -> Wo
     Raises:
         ResourceError: one worker fits on no node, or all of them never fit at once.
     """
+    problem = storage_problem(cfg.storage_path, cfg.storage_shared, len(nodes))
+    if problem:
+        raise ResourceError(problem)
     n = cfg.compute_kwargs.num_workers
     options = cfg.compute_kwargs.per_worker()
     cpus = sum(node.get("CPU", 0.0) for node in nodes)
@@ -72,6 +126,9 @@ def plan_workers(cfg: TrainerConfig, nodes: Sequence[Mapping[str, float]]) -> Wo
     problem = unschedulable(request, list(nodes))
     if problem:
         raise ResourceError(problem)
+    placement = placement_problem(cfg.compute_kwargs.placement_strategy, n, request, nodes)
+    if placement and n > 1:
+        raise ResourceError(placement)
     fit = placeable(request, nodes)
     if fit < n:
         wanted = ", ".join(f"{k}={v:g}" for k, v in request.items())
@@ -194,10 +251,15 @@ class ComputeKwargs(BaseModel):
     memory: int | None = Field(None, gt=0, description="bytes of memory reserved per worker")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'A100'")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="how Ray Train places several workers on nodes: PACK (fewest nodes), SPREAD "
+        "(most nodes), or the STRICT_ forms (never otherwise)",
+    )
 
     def per_worker(self) -> dict[str, Any]:
         """The Ray options of one worker (num_workers removed, None values dropped)."""
-        out = self.model_dump(exclude={"num_workers"}, exclude_none=True)
+        out = self.model_dump(exclude={"num_workers", "placement_strategy"}, exclude_none=True)
         if not out.get("resources"):
             out.pop("resources", None)
         out.setdefault("num_cpus", 1.0)

@@ -366,3 +366,61 @@ def test_two_job_directories_with_a_module_of_the_same_name_each_get_their_own(t
                 assert module.number == value
     finally:
         sys.modules.pop("shared_name_mod", None)
+
+
+_THREE_NODES = [{"CPU": 0.0}, {"CPU": 4.0, "fast": 1.0}, {"CPU": 4.0}]  # a CPU-less head
+
+
+@pytest.mark.parametrize(
+    ("trainer", "problem"),
+    [
+        # A local directory is a different one on each node: refused, naming the ways out.
+        ({}, "trainer.storage_path='runs/' is a local directory, and this cluster has 3 nodes"),
+        ({"storage_path": "s3://bucket/runs"}, None),
+        ({"storage_shared": True}, None),
+        (
+            {"compute_kwargs": {"num_workers": 2, "placement_strategy": "STRICT_SPREAD"}},
+            "trainer.storage_path",  # the storage problem comes first
+        ),
+        (
+            {
+                "storage_shared": True,
+                "compute_kwargs": {"num_workers": 3, "placement_strategy": "STRICT_SPREAD"},
+            },
+            "trainer.compute_kwargs.placement_strategy=STRICT_SPREAD puts each of the 3 workers "
+            "on a node of its own, but only 2 node(s)",
+        ),
+        (
+            {
+                "storage_shared": True,
+                "compute_kwargs": {"num_workers": 2, "placement_strategy": "STRICT_SPREAD"},
+            },
+            None,
+        ),
+        (
+            {
+                "storage_shared": True,
+                "compute_kwargs": {"num_workers": 6, "placement_strategy": "STRICT_PACK"},
+            },
+            "no node of this cluster can hold more than 4",
+        ),
+        (
+            {
+                "storage_shared": True,
+                "compute_kwargs": {"num_workers": 2, "resources": {"fast": 1}},
+            },
+            "hold only 1 such worker",  # custom resources: one node has one "fast"
+        ),
+    ],
+)
+def test_a_cluster_of_several_nodes_needs_shared_storage_and_a_placement_it_can_hold(
+    trainer: dict, problem: str | None
+) -> None:
+    config = _train_config()
+    config["trainer"].update(trainer)
+    problems, _ = check_resources(job_from_dict(config), _THREE_NODES)
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problem in problems[0], problems
+        assert "storage_shared: true" in problems[0] or "storage_path" not in problem
