@@ -133,35 +133,68 @@ def arrow_collate(
 
 
 def download(uri: str, cache_root: str | os.PathLike[str] | None = None) -> Path:
-    """Copy ``uri`` (object storage) to a local cache directory once; return the local path.
+    """Copy ``uri`` (object storage) to a local cache directory once per node; return the path.
 
     The copy lands under ``$RAYTORCH_CACHE`` (default ``~/.cache/raytorch``) in a directory named
-    by a hash of the URI, and is reused by later runs on the same machine.
+    by a hash of the URI and of its files' names, sizes and modification times, so changed data is
+    fetched again and unchanged data is reused by later runs. The workers of one node take a file
+    lock: the first copies, the others wait for it and read its copy (a process that dies holding
+    the lock releases it, and its half copy is never marked complete).
     """
     from pyarrow import fs
 
+    from raytorch.core.errors import DataError
+
     root = Path(cache_root or os.environ.get("RAYTORCH_CACHE", "~/.cache/raytorch")).expanduser()
-    target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    filesystem, path = fs.FileSystem.from_uri(uri)
+    info = filesystem.get_file_info(path)
+    if info.type == fs.FileType.NotFound:
+        raise DataError(f"download=True: {uri} does not exist; check the URI (or its bucket)")
+    target = root / _fingerprint(uri, filesystem, path, info)
     done = target / ".complete"
     if done.exists():
         return target / "data"
-    filesystem, path = fs.FileSystem.from_uri(uri)
-    info = filesystem.get_file_info(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    (tmp / "data").mkdir(parents=True, exist_ok=True)
-    dest = tmp / "data" if info.type == fs.FileType.Directory else tmp / "data" / Path(path).name
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{target.name}.lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when this process dies
+        except ImportError:  # no POSIX locks (Windows): each worker copies, the last one wins
+            pass
+        if not done.exists():  # the first worker of this node copies; the others reuse it
+            _copy_into(target, filesystem, path, info)
+    return target / "data"
+
+
+def _fingerprint(uri: str, filesystem: Any, path: str, info: Any) -> str:
+    """A name for the cached copy: the URI and every file's name, size and mtime."""
+    from pyarrow import fs
+
+    if info.type == fs.FileType.Directory:
+        files = filesystem.get_file_info(fs.FileSelector(path, recursive=True))
+    else:
+        files = [info]
+    digest = hashlib.sha256(uri.encode())
+    for f in sorted((f for f in files if f.type == fs.FileType.File), key=lambda f: f.path):
+        digest.update(f"{f.path}|{f.size}|{f.mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _copy_into(target: Path, filesystem: Any, path: str, info: Any) -> None:
+    import shutil
+
+    from pyarrow import fs
+
+    shutil.rmtree(target, ignore_errors=True)  # a copy that never completed
+    dest = (
+        target / "data" if info.type == fs.FileType.Directory else target / "data" / Path(path).name
+    )
+    (target / "data").mkdir(parents=True, exist_ok=True)
     fs.copy_files(
         path, str(dest), source_filesystem=filesystem, destination_filesystem=fs.LocalFileSystem()
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another worker on this machine finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
     (target / ".complete").touch()
-    return target / "data"
 
 
 class Download:

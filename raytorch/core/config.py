@@ -182,7 +182,9 @@ class TrainerConfig(BaseModel):
         "the training device; None: not data_prefetch",
     )
     download: bool = Field(
-        False, description="copy object-storage input to each worker's local disk once first"
+        False,
+        description="copy object-storage input to local disk first, once per node (the node's "
+        "workers share the copy; data changed since is copied again)",
     )
     loader_kwargs: LoaderOptions = Field(default_factory=LoaderOptions)  # type: ignore[arg-type]
     collate_fn: Any = Field(None, description="same as loader_kwargs.collate_fn (give one)")

@@ -119,21 +119,50 @@ def test_sources_to_datasets_and_exact_shards(ray_local, tmp_path):
         assert sorted(torch.cat(parts).tolist()) == list(range(10))
 
 
-def test_download_copies_once_and_each_rank_reads_its_exact_part(tmp_path, monkeypatch):
+def test_download_copies_once_per_node_and_each_rank_reads_its_exact_part(tmp_path, monkeypatch):
+    import threading
+
+    import pyarrow.fs as pafs
+
     monkeypatch.setenv("RAYTORCH_CACHE", str(tmp_path / "cache"))
     pq.write_table(
         pa.table({"x": np.arange(7.0), "y": np.arange(7), "z": np.zeros(7)}), tmp_path / "d.parquet"
     )
+    copies = []
+    real_copy = pafs.copy_files
+
+    def counted(*args, **kwargs):
+        copies.append(args[0])
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(pafs, "copy_files", counted)
     source = Download(f"file://{tmp_path / 'd.parquet'}", ["x", "y"])
-    parts = [source.read(rank, 2) for rank in range(2)]
-    assert [p.num_rows for p in parts] == [3, 4] and parts[0].column_names == ["x", "y"]
-    assert sorted(parts[0]["y"].to_pylist() + parts[1]["y"].to_pylist()) == list(range(7))
-    (copy,) = list((tmp_path / "cache").iterdir())
+    # Four workers of one node at once: one copy, the others wait for it and read it.
+    parts: dict[int, pa.Table] = {}
+    threads = [
+        threading.Thread(target=lambda r=rank: parts.__setitem__(r, source.read(r, 4)))
+        for rank in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(copies) == 1
+    assert [parts[r].num_rows for r in range(4)] == [1, 2, 2, 2]
+    assert parts[0].column_names == ["x", "y"]
+    assert sorted(y for r in range(4) for y in parts[r]["y"].to_pylist()) == list(range(7))
+    (copy,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert (copy / ".complete").exists()
-    (tmp_path / "d.parquet").unlink()  # later reads use the local copy
+    # Unchanged data is not copied again; changed data is (a stale copy is never trained on).
+    source.read(0, 1)
+    assert len(copies) == 1
+    pq.write_table(pa.table({"x": [9.0], "y": [9], "z": [0.0]}), tmp_path / "d.parquet")
+    assert source.read(0, 1)["y"].to_pylist() == [9] and len(copies) == 2
     mapped = Download(
         source.uri,
         ["x", "y"],
         RowMap(Layout.from_key(("x", "y")), lambda x, y: (x + 1, y), "*args", None, False),
     )
-    assert mapped.read(0, 1)["__in"].to_pylist()[:2] == [1.0, 2.0]
+    assert mapped.read(0, 1)["__in"].to_pylist() == [10.0]
+    with pytest.raises(DataError, match=r"download=True: file://.*missing.parquet does not exist"):
+        Download(f"file://{tmp_path / 'missing.parquet'}", ["x"]).read()
