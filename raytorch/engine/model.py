@@ -445,10 +445,12 @@ class TorchModel(BaseModel):
 
     # -- save and load
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(self, path: str | os.PathLike[str]) -> Path | str:
         """Save to a directory: ``weights.pt`` (state_dict, optimizer_state) and ``model.json``.
 
         Written atomically: a crash leaves either the previous directory or none, never a half.
+        ``path`` may be an object-storage URI (``s3://...``): the files are uploaded with
+        ``model.json`` last, and the URI is returned; ``TorchModel.load`` reads it back.
         ``trainer`` and ``validation`` are not saved.
 
         Raises:

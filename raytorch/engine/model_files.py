@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from raytorch.core.errors import CheckpointError, ImportReferenceError
 from raytorch.core.references import import_checked
-from raytorch.engine.fs import atomic_dir
+from raytorch.engine.fs import atomic_dir, download_dir, is_uri, upload_dir
 from raytorch.engine.state import (
     from_json_value,
     load_state,
@@ -40,8 +41,15 @@ MODEL_VERSION = 1
 NOT_SAVED = ("identifier", "object", "factory", "optimizer_state", "trainer", "validation")
 
 
-def save_model(model: TorchModel, path: str | os.PathLike[str]) -> Path:
-    """Write ``model`` to a directory atomically (see :meth:`TorchModel.save`)."""
+def save_model(model: TorchModel, path: str | os.PathLike[str]) -> Path | str:
+    """Write ``model`` to a directory atomically (see :meth:`TorchModel.save`); an
+    object-storage URI gets the files uploaded with ``model.json`` last, so a half-written
+    upload is never loaded."""
+    if is_uri(os.fspath(path)) and not os.fspath(path).startswith("file://"):
+        with tempfile.TemporaryDirectory(prefix="raytorch-save-") as tmp:
+            local = save_model(model, Path(tmp) / "model")
+            upload_dir(local, os.fspath(path), last="model.json")
+        return os.fspath(path)
     meta = {
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
@@ -134,8 +142,17 @@ def load_model(
     given: torch.nn.Module | None,
     overrides: Mapping[str, Any],
 ) -> TorchModel:
-    """Load a model directory (see :meth:`TorchModel.load`)."""
-    root = Path(path)
+    """Load a model directory (see :meth:`TorchModel.load`); an object-storage URI is copied
+    to a temporary directory first, and errors name the URI."""
+    text = os.fspath(path)
+    if is_uri(text) and not text.startswith("file://"):
+        with tempfile.TemporaryDirectory(prefix="raytorch-load-") as tmp:
+            local = download_dir(text, Path(tmp) / "model")
+            try:
+                return load_model(cls, local, map_location, device, given, overrides)
+            except CheckpointError as exc:
+                raise CheckpointError(str(exc).replace(str(local), text)) from exc
+    root = Path(text.removeprefix("file://"))
     meta = read_manifest(root)
     state = load_state(root / "weights.pt", map_location)
     if not isinstance(state, dict) or "state_dict" not in state:

@@ -158,7 +158,9 @@ def _run_train(job: TrainJob, echo: Echo) -> Any:
     model = build_model(job.model, job.name)
     train = job.data.train.load()
     valid = job.data.valid.load() if job.data.valid is not None else None
-    echo(f"training {job.name}: run directory {Path(trainer.storage_path) / str(trainer.run_name)}")
+    from raytorch.engine.fs import join
+
+    echo(f"training {job.name}: run directory {join(trainer.storage_path, str(trainer.run_name))}")
     result = trainer.fit(model, train, valid)
     echo(train_summary(result))
     return result

@@ -1,0 +1,169 @@
+"""Object storage through a real S3 API: moto's standalone server on 127.0.0.1, spoken to by
+pyarrow's ``S3FileSystem`` and Ray's real code paths (endpoint and credentials from the standard
+AWS environment variables, nothing S3-specific written by raytorch).
+
+The CLI runs in subprocesses, each starting its own local Ray with the AWS variables in its
+environment, so this module never touches the session's shared Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+pytest.importorskip("moto")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict[str, str]]:
+    """A moto S3 server with bucket ``bkt``; yields the AWS environment that reaches it."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail("the moto S3 server did not start")
+                time.sleep(0.2)
+        os.environ.update(env)
+        request = urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/bkt", method="PUT")
+        urllib.request.urlopen(request, timeout=10)  # create the bucket
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=10)
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    full.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [str(BIN / "raytorch"), *args], cwd=ROOT, env=full, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def _digits_table(rows: list[dict]) -> pa.Table:
+    return pa.table(
+        {
+            "x": pa.array([r["x"] for r in rows], pa.list_(pa.float32(), 64)),
+            "y": [r["y"] for r in rows],
+        }
+    )
+
+
+def test_train_and_predict_with_every_path_on_s3(s3, tmp_path):
+    from raytorch.engine.model import TorchModel
+    from raytorch.engine.runs import read_result
+    from raytorch.jobs.browse import scan_runs
+    from raytorch.jobs.files import python_path
+    from tests._digits import digits_rows
+
+    train, valid = digits_rows(n_train=600)
+    pq.write_table(_digits_table(train), "s3://bkt/data/train.parquet")
+    pq.write_table(_digits_table(valid), "s3://bkt/data/valid.parquet")
+    features = _digits_table(valid).append_column("id", pa.array(range(len(valid))))
+    pq.write_table(features, "s3://bkt/data/features.parquet")
+
+    # Training: data, run directory, checkpoints (raytorch's and Ray Train's) on S3.
+    done = _cli(
+        s3, "train", "jobs/train_digits.yaml",
+        "data.train=s3://bkt/data/train.parquet", "data.valid=s3://bkt/data/valid.parquet",
+        "trainer.storage_path=s3://bkt/runs", "trainer.run_name=r1",
+        "trainer.max_iterations=40", "trainer.validation_interval=20",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "run directory: s3://bkt/runs/r1" in done.stdout
+    summary = read_result("s3://bkt/runs/r1")
+    assert summary is not None and summary["status"] == "completed"
+    assert summary["stopped_iteration"] == 40
+    (row,) = scan_runs("s3://bkt/runs")  # `raytorch runs` reads object storage too
+    assert (row.name, row.status, row.best_iteration) == ("r1", "completed", 40)
+
+    # The saved model loads from S3; save() to S3 round-trips (its module is jobs/digits.py).
+    with python_path(ROOT / "jobs", ["."]):
+        model = TorchModel.load("s3://bkt/runs/r1/checkpoints/best", map_location="cpu")
+        assert model.save("s3://bkt/models/copy") == "s3://bkt/models/copy"
+        again = TorchModel.load("s3://bkt/models/copy", map_location="cpu")
+    for key, value in model.object.state_dict().items():
+        assert value.equal(again.object.state_dict()[key])
+
+    # Re-running the finished run_name returns its result and leaves its files as they were.
+    done = _cli(
+        s3, "train", "jobs/train_digits.yaml",
+        "data.train=s3://bkt/data/train.parquet", "data.valid=s3://bkt/data/valid.parquet",
+        "trainer.storage_path=s3://bkt/runs", "trainer.run_name=r1",
+    )  # fmt: skip
+    assert done.returncode == 0 and "an earlier run's result, reused" in done.stdout
+
+    # Batch inference: input, model, output parts, manifest and _SUCCESS on S3.
+    done = _cli(
+        s3, "predict", "jobs/predict_parquet.yaml",
+        "data=s3://bkt/data/features.parquet", "model={path: s3://bkt/runs/r1/checkpoints/best}",
+        "output.predictions=s3://bkt/preds", f"output.dir={tmp_path / 'runs'}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = pq.read_table("s3://bkt/preds", columns=["id", "prediction"])
+    assert sorted(out.column("id").to_pylist()) == list(range(len(valid)))
+    manifest = json.loads(_read("s3://bkt/preds/_manifest.json") or b"{}")
+    assert sum(p["rows"] for p in manifest["parts"]) == len(valid)
+    assert _read("s3://bkt/preds/_SUCCESS") is not None
+
+
+def _read(uri: str) -> bytes | None:
+    from raytorch.engine.fs import read_bytes
+
+    return read_bytes(uri)
+
+
+def test_a_missing_bucket_or_object_is_named_with_its_cause(s3):
+    from raytorch.core.errors import CheckpointError
+    from raytorch.engine.model import TorchModel
+
+    with pytest.raises(CheckpointError, match=r"s3://no-such-bucket/model"):
+        TorchModel.load("s3://no-such-bucket/model")
+    with pytest.raises(CheckpointError, match=r"s3://bkt/not-there"):
+        TorchModel.load("s3://bkt/not-there")
