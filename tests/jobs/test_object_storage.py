@@ -167,3 +167,31 @@ def test_a_missing_bucket_or_object_is_named_with_its_cause(s3):
         TorchModel.load("s3://no-such-bucket/model")
     with pytest.raises(CheckpointError, match=r"s3://bkt/not-there"):
         TorchModel.load("s3://bkt/not-there")
+
+
+def test_a_half_written_or_damaged_checkpoint_on_s3_is_never_resumed_from(s3, tmp_path, caplog):
+    from raytorch.engine.checkpoints import (
+        RESUME_FORMAT,
+        latest_checkpoint,
+        load_resume,
+        write_resume_dir,
+    )
+    from raytorch.engine.fs import upload_dir
+
+    run = "s3://bkt/half/run"
+    for iteration in (10, 20, 30):
+        local = tmp_path / f"iter_{iteration}"
+        local.mkdir()
+        state = {"format": RESUME_FORMAT, "iteration": iteration, "epoch": 0, "w": [iteration]}
+        write_resume_dir(local, state)
+        if iteration == 20:  # damaged: state.pt is not what meta.json recorded
+            (local / "state.pt").write_bytes((local / "state.pt").read_bytes()[:-8])
+        if iteration == 30:  # half-written upload: the completion marker never arrived
+            (local / "meta.json").unlink()
+        upload_dir(local, f"{run}/checkpoints/iter_{iteration:09d}", last="meta.json")
+    found = latest_checkpoint(run)
+    assert found == f"{run}/checkpoints/iter_000000010"
+    assert "skipped damaged checkpoint(s) s3://bkt/half/run/checkpoints/iter_000000020" in (
+        caplog.text
+    )
+    assert load_resume(found)["w"] == [10]
