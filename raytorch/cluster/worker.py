@@ -163,6 +163,11 @@ class RayContext(WorkerContext):
 
         return str(ray.util.get_node_ip_address())
 
+    def node_id(self) -> str:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return tensor

@@ -66,6 +66,10 @@ class WorkerContext:
 
         return socket.gethostname()
 
+    def node_id(self) -> str:
+        """The cluster's id of this rank's node (empty outside a cluster)."""
+        return ""
+
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         """Called on every rank at every validation (same count everywhere)."""
 
@@ -167,7 +171,7 @@ class LoopResult:
     extra: dict[str, Any] = field(default_factory=dict)
     # One entry per restart after a lost worker: {"iteration": ..., "reason": ...}.
     restarts: list[dict[str, Any]] = field(default_factory=list)
-    # One entry per rank, in rank order: {"rank", "node", "device"}.
+    # One entry per rank, in rank order: {"rank", "node", "node_id", "device"}.
     workers: list[dict[str, Any]] = field(default_factory=list)
 
 

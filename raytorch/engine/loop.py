@@ -495,7 +495,12 @@ class _Loop(_CheckpointState):
             samples = int(total.item())
         else:
             samples = self.samples
-        me = {"rank": self.ctx.rank, "node": self.ctx.node(), "device": str(self.device)}
+        me = {
+            "rank": self.ctx.rank,
+            "node": self.ctx.node(),
+            "node_id": self.ctx.node_id(),
+            "device": str(self.device),
+        }
         workers = self.ctx.all_gather_object(me)
         return LoopResult(
             history=self.history,

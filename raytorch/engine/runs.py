@@ -73,7 +73,8 @@ class TrainingResult(BaseModel):
             processes, imports), ``startup_setup_s`` (device, data, optimizer, restore) and
             ``startup_first_step_s`` (the validation at iteration 0, compile).
         num_workers, devices: the workers and the device of each rank, in rank order.
-        workers: each rank's ``rank``, ``node`` (its Ray node's IP address) and ``device``.
+        workers: each rank's ``rank``, ``node`` (its Ray node's IP address), ``node_id`` (the
+            Ray node's id: tells apart nodes that share an address) and ``device``.
         run_dir: the run directory; ``model``: the trained TorchModel.
         final_state_dict: the last weights (the model holds the best ones when restore_best).
         status: ``completed``, or ``non_finite``/``diverged`` when training went wrong (the

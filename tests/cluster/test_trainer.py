@@ -133,10 +133,10 @@ def test_two_workers_train_digits_on_ray_train_with_exact_validation(
     # Every rank's node and device, not only rank 0's.
     import ray
 
-    node = ray.util.get_node_ip_address()
+    node, node_id = ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
     assert result.workers == [
-        {"rank": 0, "node": node, "device": "cpu"},
-        {"rank": 1, "node": node, "device": "cpu"},
+        {"rank": 0, "node": node, "node_id": node_id, "device": "cpu"},
+        {"rank": 1, "node": node, "node_id": node_id, "device": "cpu"},
     ]
     assert result.devices == ["cpu", "cpu"]
     saved = json.loads((result.run_dir / "result.json").read_text())
