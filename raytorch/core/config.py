@@ -74,6 +74,22 @@ _POSITIVE = (
 )
 
 
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"dotted.key": value}``; an empty mapping stays one value.
+
+    >>> flatten_config({"a": 1, "b": {"c": 2, "d": {}}})
+    {'a': 1, 'b.c': 2, 'b.d': {}}
+    """
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_config(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
 def resolve_objective(cfg: TrainerConfig) -> Callable[..., Any]:
     """The objective of ``cfg`` as a callable (built-in name, reference or callable)."""
     objective = resolve_callable(cfg.objective, "objective", OBJECTIVES)

@@ -70,6 +70,9 @@ class RunLogger:
 
     def close(self) -> None: ...
 
+    def fail(self, status: str, error: str) -> None:
+        """The run raised (``status`` is ``failed`` or ``interrupted``); ``close`` follows."""
+
     def record(self) -> dict[str, Any]:
         """What ``result.json`` says of this logger (where its data went)."""
         return {}
@@ -156,17 +159,6 @@ def mlflow_tracking_uri() -> str:
     return uri if uri else Path("mlruns").resolve().as_uri()
 
 
-def _flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(_flat_params(value, f"{name}."))
-        else:
-            out[name] = json.dumps(value, default=repr)[:6000]  # MLflow's limit per value
-    return out
-
-
 def _mlflow_status(status: str) -> str:
     return {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED")
 
@@ -213,7 +205,11 @@ class MlflowLogger(RunLogger):
     def _log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in sorted(_flat_params(params).items())]
+        from raytorch.core.config import flatten_config
+
+        flat = flatten_config(params)
+        # MLflow keeps at most 6000 characters per value.
+        items = [Param(k, json.dumps(flat[k], default=repr)[:6000]) for k in sorted(flat)]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
@@ -312,8 +308,8 @@ class LoggerHub:
     def fail(self, status: str, error: str) -> None:
         for item in self.loggers:
             with contextlib.suppress(Exception):
-                if isinstance(item, MlflowLogger):
-                    item.fail(status, error)
+                item.fail(status, error)
+            with contextlib.suppress(Exception):
                 item.close()
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from raytorch.core.config import TrainerConfig, flatten_config
 from raytorch.core.errors import ConfigError
 
 
@@ -249,15 +250,6 @@ def find_run(run: str, directory: str = "runs") -> str:
     )
 
 
-def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(config, Mapping) and config:
-        out: dict[str, Any] = {}
-        for key, value in config.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): config}
-
-
 def _job_header(text: str) -> tuple[str | None, list[str]]:
     """The job file and the overrides recorded in a run's ``job.yaml`` header."""
     source, overrides = None, []
@@ -300,7 +292,7 @@ def config_differences(run_dir: str) -> list[str]:
         return [*lines, "(a job file is not a mapping)"]
     ran.pop("python_path", None)  # written absolute in the run's copy
     current.pop("python_path", None)
-    a, b = _flatten(current), _flatten(ran)
+    a, b = flatten_config(current), flatten_config(ran)
     diffs = [
         f"  {key}: {a.get(key, '(unset)')!r} in the file, {b.get(key, '(unset)')!r} in this run"
         for key in sorted(set(a) | set(b))
@@ -320,13 +312,11 @@ def _differences_from_defaults(run_dir: str) -> list[str]:
     config = result.get("config") if result else None
     if not isinstance(config, dict):
         return ["config: not recorded"]
-    from raytorch.core.config import TrainerConfig
-
     defaults = TrainerConfig.model_construct().model_dump(
         mode="json", exclude={"optimizer_state"}, fallback=repr
     )
-    flat_defaults = _flatten(defaults)
-    flat = _flatten(config)
+    flat_defaults = flatten_config(defaults)
+    flat = flatten_config(config)
     changed = [
         f"  {key}: {flat[key]!r}"
         for key in sorted(flat)
@@ -342,7 +332,9 @@ def _differences_from_defaults(run_dir: str) -> list[str]:
 
 def show_lines(run_dir: str) -> list[str]:
     """The summary of one run, as ``raytorch show`` prints it."""
-    from raytorch.engine.fs import join, read_bytes
+    from pyarrow import fs
+
+    from raytorch.engine.fs import join, resolve
 
     row = read_run(run_dir)
     if row is None:
@@ -404,7 +396,7 @@ def show_lines(run_dir: str) -> list[str]:
     ]
     for label, rel in files:
         target = join(run_dir, rel)
-        exists = Path(target).exists() if "://" not in target else read_bytes(target) is not None
-        if exists:
+        filesystem, path = resolve(target)  # a directory in object storage counts too
+        if filesystem.get_file_info(path).type != fs.FileType.NotFound:
             lines.append(f"{label}: {target}")
     return [*lines, *config_differences(run_dir)]

@@ -98,7 +98,7 @@ def _digits_table(rows: list[dict]) -> pa.Table:
 def test_train_and_predict_with_every_path_on_s3(s3, tmp_path):
     from raytorch.engine.model import TorchModel
     from raytorch.engine.runs import read_result
-    from raytorch.jobs.browse import scan_runs
+    from raytorch.jobs.browse import scan_runs, show_lines
     from raytorch.jobs.files import python_path
     from tests._digits import digits_rows
 
@@ -122,6 +122,9 @@ def test_train_and_predict_with_every_path_on_s3(s3, tmp_path):
     assert summary["stopped_iteration"] == 40
     (row,) = scan_runs("s3://bkt/runs")  # `raytorch runs` reads object storage too
     assert (row.name, row.status, row.best_iteration) == ("r1", "completed", 40)
+    shown = show_lines("s3://bkt/runs/r1")  # directories in object storage are found too
+    assert "model (best): s3://bkt/runs/r1/checkpoints/best" in shown
+    assert "learning curve: s3://bkt/runs/r1/learning_curve.png" in shown
 
     # The saved model loads from S3; save() to S3 round-trips (its module is jobs/digits.py).
     with python_path(ROOT / "jobs", ["."]):
