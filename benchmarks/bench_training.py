@@ -113,15 +113,26 @@ def bare_loop(
         )
         model = DistributedDataParallel(model)
         x, y = x[rank::world].contiguous(), y[rank::world].contiguous()
+    rate = _train_steps(model, x, y, spec.batch, steps, rank)
+    if world > 1:
+        dist.destroy_process_group()
+    return rate
+
+
+def _train_steps(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, seed: int
+) -> float:
+    """The bare loop's steps (per-epoch permutation, slices, Adam, no metrics): samples/s of
+    this rank from the end of the first step to the end of the last."""
     optimizer = torch.optim.Adam(model.parameters())
-    rows, bs = len(y), spec.batch
-    gen = torch.Generator().manual_seed(rank)
+    rows = len(y)
+    gen = torch.Generator().manual_seed(seed)
     done, samples, started = 0, 0, 0.0
     while done < steps:
         perm = torch.randperm(rows, generator=gen)
         xe, ye = x[perm], y[perm]
-        for i in range(0, rows, bs):
-            xb, yb = xe[i : i + bs], ye[i : i + bs]
+        for i in range(0, rows, batch):
+            xb, yb = xe[i : i + batch], ye[i : i + batch]
             loss = torch.nn.functional.cross_entropy(model(xb), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -133,10 +144,7 @@ def bare_loop(
                 samples += len(yb)
             if done >= steps:
                 break
-    rate = samples / (time.perf_counter() - started)
-    if world > 1:
-        dist.destroy_process_group()
-    return rate
+    return samples / (time.perf_counter() - started)
 
 
 def _ray_train_loop(config: dict[str, Any]) -> float:
@@ -154,25 +162,7 @@ def _ray_train_loop(config: dict[str, Any]) -> float:
     model = DistributedDataParallel(make_model(spec)) if dist.is_initialized() else make_model(spec)
     x = torch.from_numpy(data["x"][rank::world].copy())
     y = torch.from_numpy(data["y"][rank::world].copy())
-    optimizer = torch.optim.Adam(model.parameters())
-    gen = torch.Generator().manual_seed(rank)
-    done, samples, started = 0, 0, 0.0
-    while done < steps:
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), spec.batch):
-            idx = perm[i : i + spec.batch]
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done += 1
-            if done == 1:
-                started = time.perf_counter()
-            else:
-                samples += len(idx)
-            if done >= steps:
-                break
-    return samples / (time.perf_counter() - started) * world
+    return _train_steps(model, x, y, spec.batch, steps, rank) * world
 
 
 def bare_ray_train(spec: Spec, data: Any, steps: int, workers: int, storage: str) -> float:

@@ -80,8 +80,14 @@ class _FitPlan:
     run_name: str
     run_dir: Path | str
     resume: str | None
-    started_at: str  # ISO 8601, UTC
     stamps: dict[str, float] = field(default_factory=dict)  # driver times of the phases
+
+    @property
+    def started_at(self) -> str:
+        """When ``fit`` was called (ISO 8601, UTC)."""
+        return datetime.fromtimestamp(self.stamps["fit"], timezone.utc).isoformat(
+            timespec="seconds"
+        )
 
 
 class TorchTrainer(TrainerConfig):
@@ -184,10 +190,7 @@ class TorchTrainer(TrainerConfig):
         run_name = run_name or _run_name(self.identifier)
         run_dir = _run_dir(storage, run_name)
         resume = self._resume(str(run_dir), resuming=run_name == self.run_name)
-        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        return _FitPlan(
-            seed, plan, shards, train_ds, storage, run_name, run_dir, resume, started_at
-        )
+        return _FitPlan(seed, plan, shards, train_ds, storage, run_name, run_dir, resume)
 
     def _execute(self, model: Any, run: _FitPlan, monitor: TrainMonitor) -> LoopResult:
         """Launch the workers (resuming where asked); a failure marks the run directory failed."""

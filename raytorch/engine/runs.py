@@ -224,15 +224,16 @@ def _storage_path(path: str) -> str:
 
     if "://" in path:
         return path
-    if lasting_path(path) != path:
+    lasting = lasting_path(path)
+    if lasting != path:
         logger.warning(
             "storage_path=%r is relative and this Ray job runs in a temporary copy of its working "
             "directory that Ray deletes; run directories go to %s instead (set storage_path to "
             "an s3://... URI or a shared absolute path, or RAYTORCH_STORAGE_PATH)",
             path,
-            lasting_path(path),
+            lasting,
         )
-        path = lasting_path(path)
+        path = lasting
     resolved = Path(path).expanduser().resolve()
     resolved.mkdir(parents=True, exist_ok=True)
     return str(resolved)
@@ -340,6 +341,7 @@ def _plot(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    watched = listen.split("/", 1)[-1] if listen else None  # the metric's name in its panel
     names = sorted({k.split("/", 1)[1] for k in history if "/" in k})
     names.sort(key=lambda n: (n != "objective", n == "lr"))  # the objective first, lr last
     cols = min(3, len(names)) or 1
@@ -361,11 +363,11 @@ def _plot(
                 linewidth=1,
                 label=f"best @ {best_iteration}",
             )
-            watched = history.get(listen or "")
-            if listen and listen.split("/", 1)[-1] == name and watched and best_iteration in x:
+            series = history.get(listen or "")
+            if name == watched and series and best_iteration in x:
                 ax.plot(
                     best_iteration,
-                    watched[x.index(best_iteration)],
+                    series[x.index(best_iteration)],
                     marker="*",
                     markersize=14,
                     color="tab:green",
@@ -381,7 +383,7 @@ def _plot(
                     linewidth=1.5,
                     label="restart" if i == 0 else None,
                 )
-        ax.set_title(f"{name} (watched)" if listen and listen.endswith(f"/{name}") else name)
+        ax.set_title(f"{name} (watched)" if name == watched else name)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")

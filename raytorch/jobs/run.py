@@ -145,21 +145,20 @@ def run_train(job: TrainJob, *, address: str | None = None, echo: Echo = print) 
 
 
 def _run_train(job: TrainJob, echo: Echo) -> Any:
-    from raytorch.engine.fs import lasting_path
+    from raytorch.engine.fs import join, lasting_path
 
     trainer = job.trainer
     if trainer.run_name is None:
         trainer = trainer.model_copy(update={"run_name": new_run_name(trainer.identifier)})
-    if lasting_path(trainer.storage_path) != trainer.storage_path:  # in a Ray job's temp copy
-        trainer = trainer.model_copy(update={"storage_path": lasting_path(trainer.storage_path)})
-        echo(f"a Ray job's working directory is temporary: runs go to {trainer.storage_path}")
+    lasting = lasting_path(trainer.storage_path)
+    if lasting != trainer.storage_path:  # in a Ray job's temporary working copy
+        trainer = trainer.model_copy(update={"storage_path": lasting})
+        echo(f"a Ray job's working directory is temporary: runs go to {lasting}")
     if "://" not in trainer.storage_path:  # an object-storage URI gets the trainer's files only
         write_resolved(job, Path(trainer.storage_path) / str(trainer.run_name))
     model = build_model(job.model, job.name)
     train = job.data.train.load()
     valid = job.data.valid.load() if job.data.valid is not None else None
-    from raytorch.engine.fs import join
-
     echo(f"training {job.name}: run directory {join(trainer.storage_path, str(trainer.run_name))}")
     result = trainer.fit(model, train, valid)
     echo(train_summary(result))
