@@ -133,3 +133,15 @@ def test_show_reports_overrides_and_edits_of_the_job_file_since_the_run(tmp_path
     )
     shown = show_lines(str(run))
     assert "best: valid/accuracy=0.9712 at iteration 80" in shown
+
+
+def test_a_finished_run_whose_recorded_history_was_edited_is_refused_by_name(tmp_path):
+    from raytorch.core.errors import CheckpointError
+    from raytorch.engine.runs import load_finished, read_result
+    from tests._digits import mlp
+
+    run = _train(tmp_path, "edited", history={"iteration": [0, "ten"]})
+    summary = read_result(run)
+    assert summary is not None
+    with pytest.raises(CheckpointError, match=r"edited/result.json has a history that is not"):
+        load_finished(run, summary, mlp(), restore_best=True)
