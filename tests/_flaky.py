@@ -19,6 +19,8 @@ class Flaky(torch.nn.Module):
     ``ValueError`` (``how="raise"``) or kills its own process with SIGKILL (``how="kill"``).
     ``kill_after_s`` waits before the kill: Ray Train registers a reported checkpoint
     asynchronously, and a worker killed milliseconds after a report races that registration.
+    ``step_s`` sleeps in every training forward, so that a run lasts long enough to be cut
+    from outside (a node removed).
     """
 
     def __init__(
@@ -28,6 +30,7 @@ class Flaky(torch.nn.Module):
         how: str = "raise",
         rank: int = 0,
         kill_after_s: float = 0.0,
+        step_s: float = 0.0,
     ):
         super().__init__()
         torch.manual_seed(0)
@@ -35,12 +38,16 @@ class Flaky(torch.nn.Module):
             torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 10)
         )
         self.marker, self.fail_at, self.how, self.rank = marker, fail_at, how, rank
-        self.kill_after_s = kill_after_s
+        self.kill_after_s, self.step_s = kill_after_s, step_s
         self.steps = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.steps += 1
+            if self.step_s:
+                import time
+
+                time.sleep(self.step_s)
             if self.steps == self.fail_at and self._mine() and not os.path.exists(self.marker):
                 Path(self.marker).touch()
                 if self.how == "kill":
@@ -59,10 +66,15 @@ class Flaky(torch.nn.Module):
 
 
 def flaky_model(
-    marker: str = "", fail_at: int = 0, how: str = "raise", rank: int = 0, kill_after_s: float = 0.0
+    marker: str = "",
+    fail_at: int = 0,
+    how: str = "raise",
+    rank: int = 0,
+    kill_after_s: float = 0.0,
+    step_s: float = 0.0,
 ) -> TorchModel:
     """A TorchModel around :class:`Flaky` (fixed initial weights)."""
-    module = Flaky(marker, fail_at, how, rank, kill_after_s)
+    module = Flaky(marker, fail_at, how, rank, kill_after_s, step_s)
     return TorchModel("flaky", object=module, preferred_devices=("cpu",))
 
 
@@ -71,3 +83,19 @@ def ship_by_value() -> None:
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class SlowNet(torch.nn.Module):
+    """A linear 64 -> 10 model whose every forward sleeps ``delay_s`` (inference that lasts)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(64, 10)
+        self.delay_s = delay_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.delay_s)
+        return self.lin(x)

@@ -97,6 +97,7 @@ class _UnitWorker:
         self.mode = options.pop("mode")
         self.table: pa.Table | None = ray.get(table_box[0]) if table_box else None
         self.runner = _Runner(model, **options)
+        self.runner.node = ray.get_runtime_context().get_node_id()
         logger.info("inference actor on %s", self.runner.device)
 
     def _batches(self, unit: Unit) -> Iterator[pa.Table]:

@@ -12,14 +12,17 @@ Progress: workers put lines into a small zero-CPU actor that a driver thread dra
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from typing import Any
 
+from raytorch.cluster.session import cluster_nodes, override_env
 from raytorch.cluster.worker import ShardSpec, _ProgressSink, _task_main, _train_main
 from raytorch.core.config import TrainerConfig
 from raytorch.core.errors import RaytorchError, TrainingError, find_raytorch_error
-from raytorch.core.resources import WorkerPlan
+from raytorch.core.resources import WorkerPlan, hold_problem, resource_request, unschedulable
 from raytorch.engine.context import LoopResult
 from raytorch.engine.fs import join
 from raytorch.engine.monitor import TrainMonitor
@@ -77,12 +80,18 @@ def _progress_sink() -> Any:
     """One sink per driver, reused by every fit: a new actor process per fit would import torch
     (seconds of CPU) right beside the training worker's first steps."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     job = ray.get_runtime_context().get_job_id()
     sink = _SINKS.get(job)
     if sink is None:
+        # On the driver's node: a sink on a worker node would die with that node, and the run's
+        # progress with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         sink = (
-            ray.remote(num_cpus=0)(_ProgressSink).options(name=f"raytorch-progress-{job}").remote()
+            ray.remote(num_cpus=0)(_ProgressSink)
+            .options(name=f"raytorch-progress-{job}", scheduling_strategy=here)
+            .remote()
         )
         _SINKS.clear()  # handles of an earlier Ray session are of no use
         _SINKS[job] = sink
@@ -169,6 +178,13 @@ def _run_task(
                     "from its last checkpoint, or resume later with the same run_name",
                     exc,
                 ) from exc
+            lost = unschedulable(resource_request(plan.options), cluster_nodes(), "the worker")
+            if lost is not None:  # its node is gone and no other can run it: waiting would hang
+                raise TrainingError(
+                    f"the training worker died ({type(exc).__name__}) and cannot be restarted: "
+                    f"{lost}. Resume later with the same run_name",
+                    exc,
+                ) from exc
             found = latest_checkpoint(run_dir) if cfg.checkpoint_every else None
             resume = found or resume
             reason = f"the training worker's process died ({type(exc).__name__})"
@@ -181,15 +197,64 @@ def _run_task(
             )
 
 
-def _train_failure(error: BaseException) -> RaytorchError:
+def _start_timed_out(error: BaseException) -> bool:
+    """Whether Ray Train gave up because the worker group could not be placed in time."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if type(exc).__name__ in ("WorkerGroupStartupTimeoutError", "GetTimeoutError"):
+            return True
+        todo += [exc.__cause__, exc.__context__, getattr(exc, "controller_failure", None)]
+    return False
+
+
+def _train_failure(
+    error: BaseException, plan: WorkerPlan | None = None, cfg: TrainerConfig | None = None
+) -> RaytorchError:
     """The workers' own raytorch error inside Ray Train's error (one message, the first rank's
-    found), else a TrainingError that wraps it."""
+    found); a worker group that could not be placed, named with what is missing; else a
+    TrainingError that wraps it."""
+    if plan is not None and cfg is not None and _start_timed_out(error):
+        waited = cfg.worker_start_timeout_s or _ray_start_timeout()
+        problem = hold_problem(
+            plan.num_workers,
+            cfg.compute_kwargs.placement_strategy,
+            plan.resources_per_worker(),
+            cluster_nodes(),
+            waited,
+        )
+        return TrainingError(problem, error)
     found = find_raytorch_error(error)
     if isinstance(found, TrainingError):
         return TrainingError(str(found), found.cause)
     if found is not None:
         return found
     return TrainingError(f"training failed on Ray Train: {error}", error)
+
+
+def _ray_start_timeout() -> float:
+    from ray.train.v2._internal.constants import (
+        DEFAULT_WORKER_GROUP_START_TIMEOUT_S,
+        WORKER_GROUP_START_TIMEOUT_S_ENV_VAR,
+    )
+
+    return float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, 0) or 0) or float(
+        DEFAULT_WORKER_GROUP_START_TIMEOUT_S
+    )
+
+
+def _start_timeout_env(cfg: TrainerConfig) -> contextlib.AbstractContextManager[None]:
+    """Ray Train reads its worker-group start timeout from the driver's environment (it passes
+    it on to its controller); ``worker_start_timeout_s`` sets it for this fit."""
+    if cfg.worker_start_timeout_s is None:
+        return contextlib.nullcontext()
+    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+
+    return override_env({WORKER_GROUP_START_TIMEOUT_S_ENV_VAR: f"{cfg.worker_start_timeout_s:g}"})
 
 
 def _ray_train_log_level() -> str:
@@ -239,7 +304,11 @@ def _fit_ray_train(
         run_config=RunConfig(  # type: ignore[call-arg]
             name=run_name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # A group that cannot be placed again (a node lost for good) is retried as often as
+            # a dead worker, not forever (Ray Train's default), so the run ends in bounded time.
+            failure_config=FailureConfig(  # type: ignore[call-arg]  # V2's FailureConfig
+                max_failures=cfg.max_failures, controller_failure_limit=cfg.max_failures
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint_num_to_keep),
             # Ray Train's INFO lines (every report, worker group start) are internals here.
             logging_config=LoggingConfig(log_level=_ray_train_log_level()),
@@ -248,12 +317,13 @@ def _fit_ray_train(
         dataset_config=DataConfig(datasets_to_split=["train"]) if streaming else None,
     )
     try:
-        result = trainer.fit()
+        with _start_timeout_env(cfg):
+            result = trainer.fit()
     except Exception as exc:  # V2 raises from fit() when the group failed for good
-        raise _train_failure(exc) from exc
+        raise _train_failure(exc, plan, cfg) from exc
     error = getattr(result, "error", None)
     if error is not None:
-        raise _train_failure(error) from error
+        raise _train_failure(error, plan, cfg) from error
     out = getattr(result, "return_value", None)
     if not isinstance(out, LoopResult):
         raise RuntimeError(

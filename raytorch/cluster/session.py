@@ -94,6 +94,21 @@ def _env(values: Mapping[str, str]) -> Iterator[None]:
             os.environ.pop(key, None)
 
 
+@contextlib.contextmanager
+def override_env(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` for a block (over what was there), then put back."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _reachable(address: str, timeout_s: float = 2.0) -> bool:
     """Whether something answers on the GCS port of ``host:port`` within ``timeout_s``."""
     host, _, port = address.rpartition(":")

@@ -287,6 +287,14 @@ class TrainerConfig(BaseModel):
         description="restarts after a worker dies, from the last checkpoint (Ray Train's "
         "FailureConfig for several workers, a driver retry of the task for one)",
     )
+    worker_start_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="seconds to wait for the cluster to hold every worker, at the start and "
+        "after each restart; a run that cannot get them (a node lost for good) then fails "
+        "naming what is missing, after at most max_failures + 1 waits. None: Ray Train's "
+        "(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, else 60 s)",
+    )
     checkpoint_num_to_keep: int | None = Field(
         2, ge=1, description="resume checkpoints kept in the run directory (None: all)"
     )

@@ -82,6 +82,39 @@ def placement_problem(
     return None
 
 
+def hold_problem(
+    n: int,
+    strategy: str | None,
+    request: Mapping[str, float],
+    nodes: Sequence[Mapping[str, float]],
+    waited_s: float,
+) -> str:
+    """Why ``n`` workers of ``request`` could not start within ``waited_s`` on ``nodes`` (pure).
+
+    >>> hold_problem(2, "SPREAD", {"CPU": 1}, [{"CPU": 1}], 5).split(";")[0]
+    'the cluster could not hold 2 workers of CPU=1 within 5 s: its 1 alive node(s) hold 1'
+    """
+    wanted = ", ".join(f"{k}={v:g}" for k, v in request.items())
+    counts = per_node(request, nodes)
+    able = sum(1 for c in counts if c >= 1) if strategy == "STRICT_SPREAD" else sum(counts)
+    head = (
+        f"the cluster could not hold {n} workers of {wanted} within {waited_s:g} s: its "
+        f"{len(nodes)} alive node(s) hold {able}"
+    )
+    if able >= n:
+        return (
+            f"{head}, but their resources were taken by other work; free them, or raise "
+            "worker_start_timeout_s"
+        )
+    spread = " (one per node: STRICT_SPREAD)" if strategy == "STRICT_SPREAD" else ""
+    return (
+        f"{head}{spread}; missing: room for {n - able} more worker(s). A node was lost or "
+        "never came: add nodes with these resources, lower num_workers, or raise "
+        "worker_start_timeout_s when an autoscaler is adding them. Resume later with the "
+        "same run_name to continue from the last checkpoint"
+    )
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
     """What each worker requests from Ray, and any adjustment explained."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -32,6 +33,8 @@ import pyarrow.parquet as pq
 
 from raytorch.core.errors import DataError, JobMismatchError
 from raytorch.engine.fs import resolve
+
+logger = logging.getLogger("raytorch")
 
 TMP_DIR = "_tmp"
 COMMITTED_DIR = "_committed"
@@ -293,6 +296,31 @@ class PartWriter:
         return self.name
 
 
+_RECORD_COUNTS = ("rows_read", "source_rows_written", "rows_written", "rows_rejected")
+
+
+def _commit_record(data: bytes, unit: str) -> dict[str, Any] | None:
+    """A unit's commit record as written by ``commit_unit``, or None when it is not one.
+
+    >>> _commit_record(b'{"unit": "u1", "rows_read": 2}', "u1") is None  # counts missing
+    True
+    """
+    try:
+        record = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("unit") != unit:
+        return None
+    for name in _RECORD_COUNTS:
+        value = record.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return None
+    for name in ("part", "errors_part"):  # the unit's own part name, or None (no rows)
+        if record.get(name) not in (None, f"part-{unit}.parquet"):
+            return None
+    return record
+
+
 class OutputLayout:
     """The output directory (and errors directory) of one inference job."""
 
@@ -396,7 +424,13 @@ class OutputLayout:
         for info in self.fs.get_file_info(pafs.FileSelector(folder)):
             if info.type == pafs.FileType.File and info.base_name.endswith(".json"):
                 with self.fs.open_input_stream(info.path) as f:
-                    record = json.loads(f.read())
+                    record = _commit_record(f.read(), info.base_name[: -len(".json")])
+                if record is None:  # damaged: the unit is not done, and runs again
+                    logger.warning(
+                        "commit record %s is damaged (not a unit's record); its unit runs again",
+                        info.path,
+                    )
+                    continue
                 records[record["unit"]] = record
         return records
 

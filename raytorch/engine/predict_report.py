@@ -5,7 +5,7 @@ reconciled against the parts' own footers before the output is marked complete (
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ class PredictSummary(BaseModel):
     elapsed_s: float
     startup_s: float | None  # from the call to the first committed unit of this run
     rows_per_s: float  # rows processed by this run per second of its elapsed time
+    rows_by_node: dict[str, int] = {}  # rows read per Ray node ID, over all committed units
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,17 @@ def _summary(
         elapsed_s=round(elapsed, 3),
         startup_s=None if startup is None else round(startup, 3),
         rows_per_s=round(rows_this_run / elapsed, 1) if elapsed > 0 else 0.0,
+        rows_by_node=_by_node(records.values()),
     )
+
+
+def _by_node(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for rec in records:
+        node = rec.get("node")
+        if isinstance(node, str):
+            out[node] = out.get(node, 0) + int(rec["rows_read"])
+    return dict(sorted(out.items()))
 
 
 class _Tracker:

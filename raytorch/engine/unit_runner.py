@@ -173,6 +173,7 @@ class _Runner:
         self.strict = strict
         self.layout = OutputLayout(output, errors_output)
         self.device = device or model.choose_device().device
+        self.node: str | None = None  # the Ray node this runs on, recorded with each unit
         self.columns = list(
             dict.fromkeys([*self.key_columns, *carry_columns, *([id_column] if id_column else [])])
         )
@@ -327,6 +328,7 @@ class _Runner:
             "rows_rejected": errors.rows,
             "errors_part": errors.commit(),
             "part": data.commit(),
+            **({"node": self.node} if self.node else {}),
         }
         self.layout.commit_unit(record)
         return record

@@ -220,13 +220,25 @@ def test_crash_then_resume_writes_each_row_once(ray_local, parquet_dir, tmp_path
         pa.table({"_id": [1150], "error": ["stale"]}), out / "_errors" / "part-x.parquet"
     )
 
+    # A damaged commit record (torn, or naming another file as its part) is not a commit: its
+    # unit runs again and rewrites its part.
+    records = sorted((out / "_committed").glob("*.json"))
+    assert len(records) == len(committed)
+    damaged = records[0]
+    text = json.loads(damaged.read_text())
+    text["part"] = "../../../etc/passwd"
+    damaged.write_text(json.dumps(text))
+    redone = f"part-{damaged.stem}.parquet"
+
     marker.unlink()
     time.sleep(0.01)
     summary = predict(_model(str(marker)), folder, out, **args)
-    assert summary.units_skipped == len(committed) and summary.units_total == 12
-    assert {
-        p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in committed
-    } == committed
+    assert summary.units_skipped == len(committed) - 1 and summary.units_total == 12
+    now = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in committed}
+    assert now[redone] != committed.pop(redone)
+    del now[redone]
+    assert now == committed
+    assert sum(summary.rows_by_node.values()) == 1200  # every unit records the node it ran on
     assert not (out / "_tmp").exists() and not list((out / "_errors").glob("*.parquet"))
     assert summary.rows_rejected == 0
     table = _read(out)
