@@ -44,6 +44,7 @@ from raytorch.core.live import PredictDisplay
 from raytorch.core.progress import show_progress
 from raytorch.core.resources import PoolPlan, compute_problems, plan_pool, task_options
 from raytorch.engine import parts as _parts
+from raytorch.engine.fs import check_stores
 from raytorch.engine.parts import OutputLayout, SourcePlan, Unit
 from raytorch.engine.predict_report import (
     PredictProgress,
@@ -194,6 +195,7 @@ def _plan(model: Any, data: Any, output: Any, opts: dict[str, Any]) -> _Plan:
     """Resolve the model and the input, name every unit and the job's fingerprint (no Ray)."""
     if not isinstance(opts["batch_size"], int) or opts["batch_size"] < 1:
         raise ConfigError(f"batch_size={opts['batch_size']!r} must be an integer >= 1")
+    check_stores(model=model, data=data, output=output, errors_output=opts["errors_output"])
     torch_model = _resolve_model(model)
     flatten = opts["flatten"]
     flatten = bool(getattr(torch_model, "flatten", False)) if flatten is None else flatten

@@ -32,6 +32,7 @@ from raytorch.core.progress import show_progress
 from raytorch.core.resolve import resolve_callable
 from raytorch.core.resources import WorkerPlan
 from raytorch.engine.context import LoopResult
+from raytorch.engine.fs import check_stores
 from raytorch.engine.monitor import TrainMonitor
 from raytorch.engine.runs import (
     RunStatus,
@@ -123,6 +124,12 @@ class TorchTrainer(TrainerConfig):
         missing = missing_extras(self.loggers)
         if missing:  # before Ray starts: a missing package should cost a second
             raise ConfigError("\n".join(missing))
+        check_stores(
+            storage_path=self.storage_path,
+            resume_from=self.resume_from,
+            train_data=train_data,
+            valid_data=valid_data,
+        )
         started = time.time()
         run_name = self.run_name
         if run_name is not None:

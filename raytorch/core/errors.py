@@ -82,6 +82,10 @@ class CheckpointError(UserError, RuntimeError):
     """A state file or directory that is missing, half-written, foreign, or cannot be written."""
 
 
+class StorageError(UserError, OSError):
+    """Object storage that cannot be used: endpoint unreachable, access denied, bucket missing."""
+
+
 class ResourceError(UserError, RuntimeError):
     """A resource request that the cluster can never satisfy."""
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from raytorch.core.errors import CheckpointError
+from raytorch.core.errors import CheckpointError, StorageError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -136,6 +136,102 @@ def resolve(path: str | os.PathLike[str]) -> tuple[Any, str]:
     return fs.LocalFileSystem(), str(Path(text).expanduser().resolve())
 
 
+_UNREACHABLE = ("NETWORK_CONNECTION", "Could not connect", "Could not resolve", "curlCode: 28")
+_DENIED = (
+    "ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"
+)  # fmt: skip
+_NO_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket", "To create buckets")
+
+
+def store_endpoint(uri: str) -> str:
+    """Where a URI's object store is reached, in words: the URI's ``endpoint_override``, else
+    the AWS endpoint variables, else the provider.
+
+    >>> store_endpoint("s3://b/k?endpoint_override=localhost%3A9000")
+    'localhost:9000'
+    """
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    parts = urlsplit(uri)
+    override = parse_qs(parts.query).get("endpoint_override")
+    if override:
+        return unquote(override[0])
+    if parts.scheme == "s3":
+        return (
+            os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or "AWS S3 (no AWS_ENDPOINT_URL set)"
+        )
+    return f"{parts.scheme}://"
+
+
+def _store_reason(uri: str, exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    short = text if len(text) <= 300 else text[:300] + "..."
+    where = store_endpoint(uri)
+    bucket = uri.split("://", 1)[-1].split("/", 1)[0]
+    if any(s in text for s in _UNREACHABLE):
+        return (
+            f"the object store at {where} cannot be reached ({short}); check AWS_ENDPOINT_URL "
+            "(or the URI's endpoint_override) and the network"
+        )
+    if any(s in text for s in _DENIED):
+        return (
+            f"access denied ({short}); check the credentials (AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the bucket's policy"
+        )
+    if any(s in text for s in _NO_BUCKET):
+        return f"bucket {bucket!r} does not exist at {where}; create it or fix the URI"
+    return short
+
+
+def store_problem(uri: str, exc: BaseException) -> str:
+    """What an object-store error means for ``uri``, and what to do (pure, from its message).
+
+    >>> store_problem("s3://b/k", OSError("AWS Error ACCESS_DENIED in HeadObject")).split(";")[0]
+    's3://b/k: access denied (AWS Error ACCESS_DENIED in HeadObject)'
+    """
+    return f"{uri}: {_store_reason(uri, exc)}"
+
+
+def check_store(uri: str | os.PathLike[str], field: str) -> None:
+    """Fail now, naming the field, the URI and the cause, when the object store that ``uri``
+    names cannot be used (unreachable, access denied, no such bucket): before Ray starts, not
+    minutes into a run. Local paths and ``file://`` pass.
+
+    Raises:
+        StorageError: the store cannot be used.
+    """
+    from pyarrow import fs
+
+    text = os.fspath(uri)
+    if not is_uri(text) or text.startswith("file://"):
+        return
+    try:
+        filesystem, path = resolve(text)
+        bucket = path.split("/", 1)[0]
+        if filesystem.get_file_info(bucket).type == fs.FileType.NotFound:
+            raise StorageError(
+                f"{field}={text!r}: bucket {bucket!r} does not exist at {store_endpoint(text)}; "
+                "create it or fix the URI"
+            )
+        filesystem.get_file_info(path)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise StorageError(f"{field}={text!r}: {_store_reason(text, exc)}") from exc
+
+
+def check_stores(**fields: Any) -> None:
+    """:func:`check_store` for each field whose value is a path, or a list of paths, naming an
+    object store (other values, such as tables, pass)."""
+    for field, value in fields.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if isinstance(item, (str, os.PathLike)):
+                check_store(item, field)
+
+
 def upload_dir(local: str | os.PathLike[str], target: str, last: str | None = None) -> None:
     """Copy a local directory's files to ``target`` (a URI or local path), ``last`` copied last.
 
@@ -157,7 +253,7 @@ def upload_dir(local: str | os.PathLike[str], target: str, last: str | None = No
                 str(file), dest, source_filesystem=local_fs, destination_filesystem=filesystem
             )
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"could not copy {local} to {target}: {exc}") from exc
+        raise CheckpointError(f"could not copy {local} to {store_problem(target, exc)}") from exc
 
 
 def download_dir(source: str, local: str | os.PathLike[str]) -> Path:
@@ -174,7 +270,7 @@ def download_dir(source: str, local: str | os.PathLike[str]) -> Path:
             destination_filesystem=fs.LocalFileSystem(),
         )
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"could not copy {source} to {local}: {exc}") from exc
+        raise CheckpointError(f"could not copy {store_problem(source, exc)} to {local}") from exc
     return Path(local)
 
 

@@ -122,7 +122,9 @@ def _job_session(job: Job, address: str | None, echo: Echo) -> Iterator[None]:
     """The job's modules importable and shipped by value, and Ray joined or started, for one
     run; the caller's ``sys.path`` and pickling rules are restored after it."""
     from raytorch.cluster.session import ensure_ray
+    from raytorch.engine.fs import check_stores
 
+    check_stores(**job_stores(job))  # before Ray starts: a wrong endpoint should cost seconds
     with python_path(job._base_dir, job.python_path):
         shipped = ship_job_modules(job)
         try:
@@ -292,6 +294,20 @@ def check_resources(job: Job, nodes: Sequence[Mapping[str, float]]) -> tuple[lis
     if problem:
         problems.append(problem)
     return problems, notes
+
+
+def job_stores(job: Job) -> dict[str, str]:
+    """The job's paths that may name object storage, by job-file field."""
+    fields: dict[str, str | None] = {"model.path": job.model.path}
+    if isinstance(job, TrainJob):
+        fields["trainer.storage_path"] = job.trainer.storage_path
+        fields["trainer.resume_from"] = job.trainer.resume_from
+        fields["data.train.path"] = getattr(job.data.train, "path", None)
+        fields["data.valid.path"] = getattr(job.data.valid, "path", None)
+    else:
+        fields["data.path"] = getattr(job.data, "path", None)
+        fields["output.predictions"] = job.output.predictions
+    return {k: v for k, v in fields.items() if isinstance(v, str)}
 
 
 def path_problems(job: Job) -> list[str]:

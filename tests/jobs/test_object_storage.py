@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,46 +36,59 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[dict[str, str]]:
-    """A moto S3 server with bucket ``bkt``; yields the AWS environment that reaches it."""
+@contextlib.contextmanager
+def _moto(**server_env: str) -> Iterator[str]:
+    """A moto S3 server on a free port of 127.0.0.1; yields its endpoint URL."""
     port = _free_port()
     server = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **server_env},
     )
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
+    endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=1)
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except urllib.error.HTTPError:  # it answers (with auth on, a 403)
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
                     pytest.fail("the moto S3 server did not start")
                 time.sleep(0.2)
-        os.environ.update(env)
-        request = urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/bkt", method="PUT")
-        urllib.request.urlopen(request, timeout=10)  # create the bucket
-        yield env
+        yield endpoint
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict[str, str]]:
+    """A moto S3 server with bucket ``bkt``; yields the AWS environment that reaches it."""
+    with _moto() as endpoint:
+        env = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        try:
+            os.environ.update(env)
+            request = urllib.request.Request(f"{endpoint}/bkt", method="PUT")
+            urllib.request.urlopen(request, timeout=10)  # create the bucket
+            yield env
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -198,3 +212,109 @@ def test_a_half_written_or_damaged_checkpoint_on_s3_is_never_resumed_from(s3, tm
         caplog.text
     )
     assert load_resume(found)["w"] == [10]
+
+
+@pytest.mark.timeout(300)
+def test_a_two_worker_fit_on_s3_recovers_exactly_from_a_killed_worker(s3):
+    """Checkpoints on S3, rank 1 SIGKILLed mid-run: Ray Train restarts the group from the last
+    checkpoint on S3, and the run ends with the uninterrupted run's history and weights."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests._s3_fit"],
+        cwd=ROOT, env={**env, **s3}, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["killed"]  # the kill did happen
+    (restart,) = out["restarts"]
+    assert restart["iteration"] in (10, 20) and "Ray Train restarted" in restart["reason"]
+    assert out["cut"]["iteration"] == [0, 10, 20, 30, 40, 50, 60]
+    assert json.dumps(out["cut"]) == json.dumps(out["whole"])  # every value, NaN included
+    assert out["same_weights"]
+    assert out["run_dir"] == "s3://bkt/fits/cut"
+    assert read_result_status("s3://bkt/fits/cut") == "completed"
+
+
+def read_result_status(run_dir: str) -> str | None:
+    from raytorch.engine.runs import read_result
+
+    summary = read_result(run_dir)
+    return None if summary is None else summary["status"]
+
+
+@pytest.mark.timeout(300)
+def test_a_predict_whose_driver_is_killed_and_rerun_writes_each_row_once(s3, tmp_path):
+    """S3 to S3: the driver (and its local Ray) SIGKILLed once some units committed; the re-run
+    skips them, redoes the rest, and every row is in the output exactly once."""
+    import numpy as np
+    import pyarrow.fs as pafs
+
+    rows = 1000
+    x = np.random.default_rng(0).random((rows, 64), dtype=np.float32)
+    table = pa.table(
+        {"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 64), "id": range(rows)}
+    )
+    pq.write_table(table, "s3://bkt/kill/features.parquet", row_group_size=10)
+    args = [
+        "predict", "jobs/predict_parquet.yaml", "data=s3://bkt/kill/features.parquet",
+        "output.predictions=s3://bkt/kill/preds", f"output.dir={tmp_path / 'runs'}",
+        "predict.unit_rows=10", "predict.concurrency=1",
+    ]  # fmt: skip
+    env = {**os.environ, **s3, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    first = subprocess.Popen(
+        [str(BIN / "raytorch"), *args], cwd=ROOT, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    fs, folder = pafs.FileSystem.from_uri("s3://bkt/kill/preds/_committed")
+    committed = 0
+    try:
+        deadline = time.monotonic() + 200
+        while first.poll() is None and committed < 10 and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                committed = len(fs.get_file_info(pafs.FileSelector(folder)))
+            time.sleep(0.1)
+    finally:
+        os.killpg(first.pid, 9)  # the driver and the Ray it started, at once
+        first.wait()
+    assert 10 <= committed < 100, "the kill did not land mid-way"
+    assert _read("s3://bkt/kill/preds/_SUCCESS") is None
+
+    done = _cli(s3, *args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    skipped = int(done.stdout.split("resuming s3://bkt/kill/preds: ")[1].split(" unit")[0])
+    assert skipped >= committed
+    out = pq.read_table("s3://bkt/kill/preds", columns=["id"]).column("id").to_pylist()
+    assert sorted(out) == list(range(rows))  # every row, each exactly once
+    manifest = json.loads(_read("s3://bkt/kill/preds/_manifest.json") or b"{}")
+    assert sum(p["rows"] for p in manifest["parts"]) == rows and len(manifest["units"]) == 100
+    assert _read("s3://bkt/kill/preds/_SUCCESS") is not None
+
+
+def test_storage_errors_name_the_field_the_uri_and_the_cause(s3, monkeypatch):
+    """Before anything runs: a missing bucket, denied credentials, an endpoint nobody answers."""
+    from raytorch.core.errors import StorageError
+    from raytorch.engine.fs import check_store
+
+    with pytest.raises(StorageError, match=r"storage_path='s3://nope/runs': bucket 'nope' does"):
+        check_store("s3://nope/runs", "storage_path")
+    check_store("s3://bkt/anything", "storage_path")  # a missing key in a bucket is fine
+
+    with _moto(INITIAL_NO_AUTH_ACTION_COUNT="0") as guarded:  # moto with IAM checks on
+        monkeypatch.setenv("AWS_ENDPOINT_URL", guarded)
+        with pytest.raises(StorageError, match=r"data='s3://bkt/x': access denied .*credentials"):
+            check_store("s3://bkt/x", "data")
+
+    closed = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=rf"the object store at {closed} cannot be reached"):
+        check_store("s3://bkt/x", "output")
+    print(f"unreachable endpoint reported after {time.monotonic() - started:.1f} s")
+
+    # The CLI checks the job's stores before starting Ray, and exits 2 with the sentence.
+    done = _cli({**s3, "AWS_ENDPOINT_URL": closed}, "train", "jobs/train_digits.yaml",
+                "trainer.storage_path=s3://bkt/runs")  # fmt: skip
+    assert done.returncode == 2
+    assert f"trainer.storage_path='s3://bkt/runs': the object store at {closed}" in done.stderr
+    assert "starting a local Ray" not in done.stdout + done.stderr
