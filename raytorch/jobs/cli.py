@@ -79,7 +79,8 @@ _SUBCOMMANDS = {
         "job's logs until it ends and exits with its status (0 succeeded, 1 failed or stopped).",
         "  ray dashboard cluster.yaml &      # forwards the head's dashboard to localhost:8265\n"
         "  raytorch submit jobs/train_digits.yaml --address http://127.0.0.1:8265\n"
-        "  raytorch submit jobs/predict_parquet.yaml data.rows=100000 --no-wait\n",
+        "  raytorch submit jobs/predict_parquet.yaml data.rows=100000 --no-wait\n"
+        "  raytorch submit jobs/train_digits.yaml --fetch runs/  # the run directory comes back\n",
     ),
 }
 
@@ -175,6 +176,13 @@ def _add_submit_options(submit: argparse.ArgumentParser) -> None:
     )
     submit.add_argument(
         "--no-wait", action="store_true", help="print the job id and return without following logs"
+    )
+    submit.add_argument(
+        "--fetch",
+        metavar="DEST",
+        help="when the job succeeds, copy its run directory to DEST/<run name> on this machine "
+        "(from object storage directly, else through a small Ray job; never over a directory "
+        "that exists)",
     )
 
 

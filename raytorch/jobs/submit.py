@@ -133,6 +133,10 @@ def _submit(args: argparse.Namespace) -> int:
             f"the job file {args.job} is outside the working directory {working_dir.resolve()}, "
             "so the cluster would not get it; pass --working-dir with a directory that holds it"
         )
+    if args.fetch and args.no_wait:
+        raise UploadError("--fetch waits for the job to finish; drop --no-wait")
+    if args.fetch and Path(args.fetch).expanduser().is_file():  # before a cluster round trip
+        raise UploadError(f"--fetch: {args.fetch} is a file; give a directory")
     # Validate here first: a typo should cost a second, not a cluster round trip.
     job = load_job(job_path, args.overrides)
     excludes = [*DEFAULT_EXCLUDES, *args.exclude]
@@ -163,7 +167,21 @@ def _submit(args: argparse.Namespace) -> int:
     if args.no_wait:
         _echo(f"follow it with: ray job logs --address {address} --follow {job_id}")
         return 0
-    return _follow(client, job_id, address)
+    status = _follow(client, job_id, address)
+    if status == 0 and args.fetch:
+        _fetch(client, job_id, args.fetch)
+    return status
+
+
+def _fetch(client: Any, job_id: str, dest: str) -> None:
+    """Bring the run directory the job printed back to ``dest`` (raytorch.jobs.fetch)."""
+    from raytorch.jobs.fetch import copy_tree_note, fetch_run, run_dir_from_logs
+
+    run_dir = run_dir_from_logs(client.get_job_logs(job_id))
+    if run_dir is None:
+        raise UploadError(f"--fetch: the job {job_id} printed no run directory; nothing fetched")
+    target = fetch_run(client, run_dir, dest)
+    _echo(f"fetched {run_dir} to {target} ({copy_tree_note(target)})")
 
 
 def _follow(client: Any, job_id: str, address: str) -> int:

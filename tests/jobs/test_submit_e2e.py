@@ -69,9 +69,12 @@ class Head:
             f"--ray-client-server-port={_free_port()}",
             f"--dashboard-agent-listen-port={_free_port()}",
         ]  # fmt: skip
+        # A submitted job's relative storage_path goes here (raytorch.engine.fs.lasting_path).
+        self.storage = self.temp_dir / "lasting"
+        env = _env(RAYTORCH_STORAGE_PATH=str(self.storage))
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -173,3 +176,29 @@ def test_plain_ray_job_submit_runs_the_cli_on_the_cluster(head: Head) -> None:
     assert "jobs/train_digits.yaml: ok" in done.stdout
     with urllib.request.urlopen(f"{head.address}/api/jobs/e2e-check", timeout=10) as reply:
         assert json.load(reply)["status"] == "SUCCEEDED"
+
+
+def test_a_submitted_training_run_is_kept_and_fetched_back(head: Head, tmp_path: Path) -> None:
+    """The default relative storage_path lands in a lasting directory on the cluster (not Ray's
+    temporary copy of the working directory), and --fetch brings the run directory back."""
+    back = tmp_path / "back"
+    done = _run(
+        [
+            str(BIN / "raytorch"), "submit", "jobs/train_digits.yaml",
+            "--address", head.address, "--fetch", str(back),
+            "trainer.max_iterations=20", "trainer.validation_interval=10",
+            "trainer.compute_kwargs.num_workers=1",
+        ],
+        timeout_s=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    (kept,) = (head.storage / "runs").iterdir()  # on the cluster, where it lasts
+    assert f"run directory: {kept}" in done.stdout
+    assert f"fetched {kept} to {back / kept.name}" in done.stdout
+    fetched = back / kept.name
+    here = sorted(p.relative_to(fetched) for p in fetched.rglob("*") if p.is_file())
+    there = sorted(p.relative_to(kept) for p in kept.rglob("*") if p.is_file())
+    assert here == there and Path("checkpoints/best/weights.pt") in here
+    for name in here:
+        assert (fetched / name).read_bytes() == (kept / name).read_bytes()
+    assert json.loads((fetched / "result.json").read_text())["status"] == "completed"
