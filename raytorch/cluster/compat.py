@@ -46,11 +46,39 @@ def _private_num_cpus() -> Callable[[], float] | None:
     return get_num_cpus  # type: ignore[no-any-return]
 
 
+# Ray Train V2's worker-group start timeout: the variable it reads in the driver (and passes on
+# to its controller), and its default; the fallback is what Ray 2.60 uses.
+_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0)
+
+
+def _private_start_timeout() -> tuple[str, float] | None:
+    try:
+        from ray.train.v2._internal.constants import (
+            DEFAULT_WORKER_GROUP_START_TIMEOUT_S,
+            WORKER_GROUP_START_TIMEOUT_S_ENV_VAR,
+        )
+    except ImportError:
+        return None
+    return WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, float(DEFAULT_WORKER_GROUP_START_TIMEOUT_S)
+
+
+def train_start_timeout() -> tuple[str, float]:
+    """The environment variable of Ray Train's worker-group start timeout, and the seconds in
+    force now (the variable's value, else Ray's default)."""
+    name, default = _private_start_timeout() or _START_TIMEOUT
+    try:
+        value = float(os.environ.get(name, "") or default)
+    except ValueError:
+        value = default
+    return name, value
+
+
 def private_apis() -> dict[str, bool]:
     """Which private Ray APIs this Ray still has (False: raytorch runs on the fallback)."""
     return {
         "runtime_env packaging (_dir_travel, _get_excludes)": _private_packaging() is not None,
         "ray._private.utils.get_num_cpus": _private_num_cpus() is not None,
+        "Ray Train's worker group start timeout": _private_start_timeout() is not None,
     }
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from typing import Any
 
+from raytorch.cluster.compat import train_start_timeout
 from raytorch.cluster.session import cluster_nodes, override_env
 from raytorch.cluster.worker import ShardSpec, _ProgressSink, _task_main, _train_main
 from raytorch.core.config import TrainerConfig
@@ -219,7 +219,7 @@ def _train_failure(
     found); a worker group that could not be placed, named with what is missing; else a
     TrainingError that wraps it."""
     if plan is not None and cfg is not None and _start_timed_out(error):
-        waited = cfg.worker_start_timeout_s or _ray_start_timeout()
+        waited = cfg.worker_start_timeout_s or train_start_timeout()[1]
         problem = hold_problem(
             plan.num_workers,
             cfg.compute_kwargs.placement_strategy,
@@ -236,25 +236,13 @@ def _train_failure(
     return TrainingError(f"training failed on Ray Train: {error}", error)
 
 
-def _ray_start_timeout() -> float:
-    from ray.train.v2._internal.constants import (
-        DEFAULT_WORKER_GROUP_START_TIMEOUT_S,
-        WORKER_GROUP_START_TIMEOUT_S_ENV_VAR,
-    )
-
-    return float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, 0) or 0) or float(
-        DEFAULT_WORKER_GROUP_START_TIMEOUT_S
-    )
-
-
 def _start_timeout_env(cfg: TrainerConfig) -> contextlib.AbstractContextManager[None]:
     """Ray Train reads its worker-group start timeout from the driver's environment (it passes
     it on to its controller); ``worker_start_timeout_s`` sets it for this fit."""
     if cfg.worker_start_timeout_s is None:
         return contextlib.nullcontext()
-    from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
-
-    return override_env({WORKER_GROUP_START_TIMEOUT_S_ENV_VAR: f"{cfg.worker_start_timeout_s:g}"})
+    name, _ = train_start_timeout()
+    return override_env({name: f"{cfg.worker_start_timeout_s:g}"})
 
 
 def _ray_train_log_level() -> str:

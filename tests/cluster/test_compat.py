@@ -48,3 +48,16 @@ def test_the_worker_hook_silences_the_progress_notice_and_the_deprecation(caplog
         notices.warning("a real problem")
     assert [str(w.message) for w in recwarn] == ["something else is deprecated"]
     assert caplog.messages == ["a real problem"]
+
+
+def test_every_private_ray_api_is_still_where_raytorch_looks(monkeypatch):
+    """A Ray upgrade that moves one fails here, while users run on its fallback."""
+    from raytorch.cluster.compat import private_apis, train_start_timeout
+
+    assert all(private_apis().values()), private_apis()
+    name, seconds = train_start_timeout()
+    assert name == "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" and seconds > 0
+    monkeypatch.setenv(name, "7.5")
+    assert train_start_timeout() == (name, 7.5)
+    monkeypatch.setenv(name, "soon")  # not a number: the default (only a message uses it)
+    assert train_start_timeout()[1] == seconds

@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raytorch.cluster.session import override_env
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
@@ -77,18 +79,10 @@ def s3() -> Iterator[dict[str, str]]:
             "AWS_REGION": "us-east-1",
             "AWS_DEFAULT_REGION": "us-east-1",
         }
-        saved = {k: os.environ.get(k) for k in env}
-        try:
-            os.environ.update(env)
+        with override_env(env):
             request = urllib.request.Request(f"{endpoint}/bkt", method="PUT")
             urllib.request.urlopen(request, timeout=10)  # create the bucket
             yield env
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
