@@ -121,6 +121,7 @@ def run_raytorch(folder: Path, out: Path, batch_size: int) -> dict[str, float]:
         "startup_s": t1 - started,
         "steady_rows_per_s": steady,
         "units": summary.units_total,
+        **{f"phase_{k}": v for k, v in summary.startup_phases.items()},
     }
 
 
@@ -232,6 +233,8 @@ def main() -> None:
             f"{b['startup_s']:.1f} s; steady {b['steady_rows_per_s']:,.0f} rows/s "
             f"({b['units']:.0f} units)"
         )
+        phases = {k.removeprefix("phase_"): v for k, v in b.items() if k.startswith("phase_")}
+        print("    start-up phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
         c = handwritten(tmp / "data", tmp / "out-handwritten", args.batch_size)
         print(f"(c) hand-written Ray Data: {c:,.0f} rows/s")
         import ray

@@ -380,7 +380,8 @@ def _execute(
     progress: Callable[[PredictProgress], None] | None,
     interval_s: float,
 ) -> tuple[float | None, int]:
-    """Run the units left; return (seconds to the first committed unit, rows read by this run)."""
+    """Run the units left; return (seconds from the pool's start to the first committed unit,
+    None when none committed; rows read by this run)."""
     started = time.monotonic()
     pool, actor = _pool(plan, todo)
     rows_before = sum(r["rows_read"] for r in records.values())
@@ -506,17 +507,21 @@ def predict(
         logger.info("output %s is already complete; nothing to do", plan.layout.uri)
         done = plan.layout.manifest() or {"units": []}
         recs = {p["unit"]: p for p in done["units"]}
-        return _summary(plan.layout, recs, len(recs), started, None, 0)
+        return _summary(plan.layout, recs, len(recs), started, {}, 0)
     records, todo = state
     skipped = len(records)
-    startup, rows_run = None, 0
+    rows_run, phases = 0, {"plan_s": time.monotonic() - started}
     if todo is None or todo:
         with ray_env(), quiet_ray_data():
+            ray_started = time.monotonic()
             ensure_ray()
+            phases["ray_s"] = time.monotonic() - ray_started
             with drop_stderr_lines(CONSTRUCTOR_ARGS_NOTICE):  # Ray's own, on every pool
-                startup, rows_run = _execute(plan, records, todo, progress, progress_interval_s)
+                pool_s, rows_run = _execute(plan, records, todo, progress, progress_interval_s)
+            if pool_s is not None:
+                phases["pool_s"] = pool_s
     _finalize(plan, records)
-    summary = _summary(plan.layout, records, skipped, started, startup, rows_run)
+    summary = _summary(plan.layout, records, skipped, started, phases, rows_run)
     logger.info(
         "predict done: %d rows read, %d written, %d rejected in %.1f s (%.0f rows/s) -> %s",
         summary.rows_read,

@@ -30,6 +30,10 @@ class PredictSummary(BaseModel):
     units_skipped: int  # already committed by an earlier run
     elapsed_s: float
     startup_s: float | None  # from the call to the first committed unit of this run
+    # Its phases: plan_s (the driver reads footers, plans units, checks schemas and ids), ray_s
+    # (joining or starting Ray), pool_s (actor processes start, import torch, load the model, run
+    # the first unit).
+    startup_phases: dict[str, float] = {}
     rows_per_s: float  # rows processed by this run per second of its elapsed time
     rows_by_node: dict[str, int] = {}  # rows read per Ray node ID, over all committed units
 
@@ -85,9 +89,11 @@ def _summary(
     records: Mapping[str, Mapping[str, Any]],
     skipped: int,
     started: float,
-    startup: float | None,
+    phases: Mapping[str, float],
     rows_this_run: int,
 ) -> PredictSummary:
+    """The summary; ``phases`` are the start-up's (complete with ``pool_s`` once a unit of this
+    run committed)."""
     elapsed = time.monotonic() - started
     return PredictSummary(
         output=layout.uri,
@@ -99,7 +105,8 @@ def _summary(
         units_total=len(records),
         units_skipped=skipped,
         elapsed_s=round(elapsed, 3),
-        startup_s=None if startup is None else round(startup, 3),
+        startup_s=round(sum(phases.values()), 3) if "pool_s" in phases else None,
+        startup_phases={k: round(v, 3) for k, v in phases.items()},
         rows_per_s=round(rows_this_run / elapsed, 1) if elapsed > 0 else 0.0,
         rows_by_node=_by_node(records.values()),
     )

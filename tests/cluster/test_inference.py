@@ -107,6 +107,11 @@ def test_parquet_outputs_equal_predict_batches(ray_local, parquet_dir, tmp_path,
     )
     assert (summary.rows_read, summary.rows_written, summary.rows_rejected) == (1200, 1200, 0)
     assert summary.units_total == 6 and summary.units_skipped == 0
+    # Start-up, from the call to the first committed unit, is the sum of its phases.
+    phases = summary.startup_phases
+    assert set(phases) == {"plan_s", "ray_s", "pool_s"} and all(v >= 0 for v in phases.values())
+    assert summary.startup_s == pytest.approx(sum(phases.values()), abs=0.002)
+    assert summary.startup_s <= summary.elapsed_s
     out = _read(tmp_path / "out").sort_by("_id")
     assert out.column("_id").to_pylist() == list(range(1200))
     assert out.column("k").to_pylist() == list(range(1200))  # ids follow file order, stably
