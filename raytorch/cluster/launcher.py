@@ -161,9 +161,11 @@ def _run_task(
     remote = ray.remote(_task_main).options(max_retries=0, **plan.options)
     failures = 0
     reason: str | None = None
+    request = resource_request(plan.options)
     while True:
         try:
-            return ray.get(remote.remote(model, cfg, shard, seed, sink, run_dir, resume, reason))
+            ref = remote.remote(model, cfg, shard, seed, sink, run_dir, resume, reason)
+            return _await_task(ref, request)
         except ray.exceptions.RayTaskError as exc:
             error = find_raytorch_error(exc)
             if error is not None:
@@ -178,7 +180,7 @@ def _run_task(
                     "from its last checkpoint, or resume later with the same run_name",
                     exc,
                 ) from exc
-            lost = unschedulable(resource_request(plan.options), cluster_nodes(), "the worker")
+            lost = unschedulable(request, cluster_nodes(), "the worker")
             if lost is not None:  # its node is gone and no other can run it: waiting would hang
                 raise TrainingError(
                     f"the training worker died ({type(exc).__name__}) and cannot be restarted: "
@@ -194,6 +196,23 @@ def _run_task(
                 failures,
                 cfg.max_failures,
                 resume or "the start (no checkpoint yet)",
+            )
+
+
+def _await_task(ref: Any, request: dict[str, float], poll_s: float = 5.0) -> Any:
+    """The task's result; while it waits, fail instead of hanging once no alive node could ever
+    run it (a node lost after the task was submitted, before Ray marked it dead)."""
+    import ray
+
+    while True:
+        ready, _ = ray.wait([ref], timeout=poll_s)
+        if ready:
+            return ray.get(ref)
+        lost = unschedulable(request, cluster_nodes(), "the worker")
+        if lost is not None:
+            ray.cancel(ref, force=True)
+            raise TrainingError(
+                f"the training worker cannot run: {lost}. Resume later with the same run_name"
             )
 
 

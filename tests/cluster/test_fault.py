@@ -105,3 +105,16 @@ def test_ray_train_group_restarts_after_a_killed_worker(ray_local, digits, tmp_p
     assert result.num_workers == 2 and result.stopped_iteration == 60
     assert len(result.restarts) == 1 and "Ray Train restarted" in result.restarts[0]["reason"]
     assert result.restarts[0]["iteration"] in (10, 20)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_no_alive_node_can_run_fails_instead_of_waiting_forever(ray_local):
+    """A 1-worker run resubmitted after its node was lost, when no node left can hold it."""
+    import ray
+
+    from raytorch.cluster.launcher import _await_task
+
+    ref = ray.remote(lambda: 1).options(resources={"lost_node_slot": 1}).remote()
+    with pytest.raises(TrainingError, match=r"cannot run: the worker asks for lost_node_slot=1"):
+        _await_task(ref, {"lost_node_slot": 1.0}, poll_s=0.2)
+    assert ray.get(ray.remote(lambda: 2).remote()) == 2  # Ray goes on serving
