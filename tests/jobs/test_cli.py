@@ -93,6 +93,17 @@ def test_submit_refuses_a_job_outside_the_working_dir(
     assert "is outside the working directory" in capsys.readouterr().err
 
 
+def test_submit_fetch_needs_to_wait_and_a_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    submit = ["submit", TRAIN_JOB, "--address", "http://127.0.0.1:1"]
+    assert main([*submit, "--fetch", str(tmp_path), "--no-wait"]) == 2
+    assert "--fetch waits for the job to finish; drop --no-wait" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert main([*submit, "--fetch", str(tmp_path / "a-file")]) == 2
+    assert "a-file is a file; give a directory" in capsys.readouterr().err
+
+
 def _tree(root: Path) -> None:
     for name, size in {
         "jobs/train.yaml": 100,
