@@ -34,6 +34,29 @@ def test_job_file_opens_with_its_command_and_validates(path: Path) -> None:
     assert problems == []
 
 
+def test_the_readmes_job_file_fragments_validate(tmp_path: Path) -> None:
+    """Each ```yaml block of the README that has a data or trainer section, laid over
+    train_digits.yaml, is a valid job file (the docs cannot drift from the fields)."""
+    import yaml
+
+    text = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    fragments = [yaml.safe_load(b) for b in blocks]
+    fragments = [f for f in fragments if isinstance(f, dict) and {"data", "trainer"} & set(f)]
+    assert fragments, "the README shows no job file fragment"
+    for i, fragment in enumerate(fragments):
+        job = yaml.safe_load((JOBS / "train_digits.yaml").read_text())
+        for section, values in fragment.items():
+            if isinstance(job.get(section), dict) and isinstance(values, dict):
+                job[section] = {**job[section], **values}
+            else:
+                job[section] = values
+        job["python_path"] = [str(JOBS)]  # where digits.py, which the job imports, lies
+        path = tmp_path / f"fragment_{i}.yaml"
+        path.write_text(yaml.safe_dump(job))
+        assert load_job(path).kind == "train"
+
+
 def test_driver_opens_with_its_command() -> None:
     assert (JOBS / "driver.py").read_text().splitlines()[0].startswith("# python jobs/driver.py")
 
