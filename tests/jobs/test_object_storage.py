@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -312,3 +314,45 @@ def test_storage_errors_name_the_field_the_uri_and_the_cause(s3, monkeypatch):
     assert done.returncode == 2
     assert f"trainer.storage_path='s3://bkt/runs': the object store at {closed}" in done.stderr
     assert "starting a local Ray" not in done.stdout + done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_job_submitted_with_s3_paths_writes_there_and_is_fetched_from_there(s3, tmp_path):
+    """`raytorch submit` of a job file whose data and storage_path are on S3: the job runs on a
+    real Ray head (which has the AWS variables), writes its run to S3, and --fetch copies it
+    from S3 to this machine."""
+    from tests._digits import digits_rows
+    from tests._head import Head
+
+    train, valid = digits_rows(n_train=600)
+    pq.write_table(_digits_table(train), "s3://bkt/sub/train.parquet")
+    pq.write_table(_digits_table(valid), "s3://bkt/sub/valid.parquet")
+    # A short path: Ray's socket paths under it must stay within 107 bytes.
+    head = Head(Path(tempfile.mkdtemp(prefix="rt-head-")))
+    back = tmp_path / "back"
+    try:
+        head.start()  # its environment, and so the job's, has the fixture's AWS variables
+        done = subprocess.run(
+            [
+                str(BIN / "raytorch"), "submit", "jobs/train_digits.yaml",
+                "--address", head.address, "--fetch", str(back),
+                "data.train=s3://bkt/sub/train.parquet", "data.valid=s3://bkt/sub/valid.parquet",
+                "trainer.storage_path=s3://bkt/sub/runs", "trainer.run_name=via-submit",
+                "trainer.max_iterations=20", "trainer.validation_interval=10",
+                "trainer.compute_kwargs.num_workers=1",
+            ],
+            cwd=ROOT, env={**os.environ, **s3, "RAY_AUTH_MODE": "disabled"},
+            capture_output=True, text=True, timeout=280,
+        )  # fmt: skip
+    finally:
+        head.stop()
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    assert "run directory: s3://bkt/sub/runs/via-submit" in done.stdout
+    assert read_result_status("s3://bkt/sub/runs/via-submit") == "completed"
+    assert f"fetched s3://bkt/sub/runs/via-submit to {back / 'via-submit'}" in done.stdout
+    fetched = back / "via-submit"
+    assert json.loads((fetched / "result.json").read_text())["status"] == "completed"
+    assert (fetched / "checkpoints" / "best" / "weights.pt").read_bytes() == _read(
+        "s3://bkt/sub/runs/via-submit/checkpoints/best/weights.pt"
+    )
