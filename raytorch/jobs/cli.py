@@ -201,8 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
     show_progress()
-    if args.debug:
-        logging.getLogger("raytorch").setLevel(logging.DEBUG)
+    log = logging.getLogger("raytorch")
+    level = log.level
+    if args.debug:  # for this command only: main() may be called in a process that goes on
+        log.setLevel(logging.DEBUG)
     try:
         return int(_COMMANDS[args.command](args))
     except KeyboardInterrupt:
@@ -218,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # worker's error) would bury it.
         print(f"raytorch {args.command}: error: {found}", file=sys.stderr)
         return 1 if isinstance(found, RunError) else 2
+    finally:
+        log.setLevel(level)
 
 
 def _is_validation_error(exc: BaseException) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -213,8 +214,14 @@ def test_debug_shows_the_traceback(monkeypatch) -> None:
         raise ConfigError("optimizer_cls='Adamm'")
 
     monkeypatch.setitem(cli._COMMANDS, "check", fail)
+    from raytorch.core.progress import show_progress
+
+    show_progress()  # what every command sets up first (progress lines at INFO)
+    log = logging.getLogger("raytorch")
+    before = log.level
     with pytest.raises(ConfigError, match="Adamm"):
         main(["check", "job.yaml", "--debug"])
+    assert log.level == before  # --debug is for that command, not the rest of the process
 
 
 def test_a_submitted_training_job_is_named_after_its_run(tmp_path):
