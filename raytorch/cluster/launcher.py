@@ -18,11 +18,11 @@ import threading
 from typing import Any
 
 from raytorch.cluster.compat import train_start_timeout
-from raytorch.cluster.session import cluster_nodes, override_env
+from raytorch.cluster.session import cluster_nodes, override_env, schedule_problem
 from raytorch.cluster.worker import ShardSpec, _ProgressSink, _task_main, _train_main
 from raytorch.core.config import TrainerConfig
 from raytorch.core.errors import RaytorchError, TrainingError, find_raytorch_error
-from raytorch.core.resources import WorkerPlan, hold_problem, resource_request, unschedulable
+from raytorch.core.resources import WorkerPlan, hold_problem
 from raytorch.engine.context import LoopResult
 from raytorch.engine.fs import join
 from raytorch.engine.monitor import TrainMonitor
@@ -161,11 +161,10 @@ def _run_task(
     remote = ray.remote(_task_main).options(max_retries=0, **plan.options)
     failures = 0
     reason: str | None = None
-    request = resource_request(plan.options)
     while True:
         try:
             ref = remote.remote(model, cfg, shard, seed, sink, run_dir, resume, reason)
-            return _await_task(ref, request)
+            return _await_task(ref, plan.options)
         except ray.exceptions.RayTaskError as exc:
             error = find_raytorch_error(exc)
             if error is not None:
@@ -180,7 +179,7 @@ def _run_task(
                     "from its last checkpoint, or resume later with the same run_name",
                     exc,
                 ) from exc
-            lost = unschedulable(request, cluster_nodes(), "the worker")
+            lost = schedule_problem(plan.options, "the worker")
             if lost is not None:  # its node is gone and no other can run it: waiting would hang
                 raise TrainingError(
                     f"the training worker died ({type(exc).__name__}) and cannot be restarted: "
@@ -199,16 +198,17 @@ def _run_task(
             )
 
 
-def _await_task(ref: Any, request: dict[str, float], poll_s: float = 5.0) -> Any:
+def _await_task(ref: Any, options: dict[str, Any], poll_s: float = 5.0) -> Any:
     """The task's result; while it waits, fail instead of hanging once no alive node could ever
-    run it (a node lost after the task was submitted, before Ray marked it dead)."""
+    run a task of ``options`` (a node lost after the task was submitted, before Ray marked it
+    dead), unless an autoscaler may add one (``RAYTORCH_ALLOW_PENDING=1``)."""
     import ray
 
     while True:
         ready, _ = ray.wait([ref], timeout=poll_s)
         if ready:
             return ray.get(ref)
-        lost = unschedulable(request, cluster_nodes(), "the worker")
+        lost = schedule_problem(options, "the worker")
         if lost is not None:
             ray.cancel(ref, force=True)
             raise TrainingError(
@@ -225,19 +225,17 @@ def _start_timed_out(error: BaseException) -> bool:
         if exc is None or id(exc) in seen:
             continue
         seen.add(id(exc))
-        if type(exc).__name__ in ("WorkerGroupStartupTimeoutError", "GetTimeoutError"):
+        if type(exc).__name__ == "WorkerGroupStartupTimeoutError":
             return True
         todo += [exc.__cause__, exc.__context__, getattr(exc, "controller_failure", None)]
     return False
 
 
-def _train_failure(
-    error: BaseException, plan: WorkerPlan | None = None, cfg: TrainerConfig | None = None
-) -> RaytorchError:
+def _train_failure(error: BaseException, plan: WorkerPlan, cfg: TrainerConfig) -> RaytorchError:
     """The workers' own raytorch error inside Ray Train's error (one message, the first rank's
     found); a worker group that could not be placed, named with what is missing; else a
     TrainingError that wraps it."""
-    if plan is not None and cfg is not None and _start_timed_out(error):
+    if _start_timed_out(error):
         waited = cfg.worker_start_timeout_s or train_start_timeout()[1]
         problem = hold_problem(
             plan.num_workers,

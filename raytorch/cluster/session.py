@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from raytorch.core.errors import ResourceError
-from raytorch.core.resources import resource_request, unschedulable
+from raytorch.core.resources import pending_allowed, resource_request, unschedulable
 
 logger = logging.getLogger("raytorch")
 
@@ -82,16 +82,9 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         ray.init(address=address, **init_kwargs)
 
 
-@contextlib.contextmanager
-def _env(values: Mapping[str, str]) -> Iterator[None]:
+def _env(values: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:
     """``values`` in ``os.environ`` (where not set already) for a block, then removed."""
-    added = [k for k in values if k not in os.environ]
-    os.environ.update({k: values[k] for k in added})
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+    return override_env({k: v for k, v in values.items() if k not in os.environ})
 
 
 @contextlib.contextmanager
@@ -152,13 +145,20 @@ def cluster_nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def check_schedulable(compute_kwargs: Mapping[str, Any], field: str = "compute_kwargs") -> None:
-    """Raise ``ResourceError`` now if ``compute_kwargs`` can never be scheduled, not hang.
+def schedule_problem(
+    compute_kwargs: Mapping[str, Any], field: str = "compute_kwargs"
+) -> str | None:
+    """Why ``compute_kwargs`` can never be scheduled on the alive nodes, or None.
 
-    Clusters with an autoscaler may add nodes later; set ``RAYTORCH_ALLOW_PENDING=1`` to skip.
+    Clusters with an autoscaler may add nodes later; with ``RAYTORCH_ALLOW_PENDING=1`` it is None.
     """
-    if os.environ.get("RAYTORCH_ALLOW_PENDING") == "1":
-        return
-    problem = unschedulable(resource_request(compute_kwargs), cluster_nodes(), field)
+    if pending_allowed():
+        return None
+    return unschedulable(resource_request(compute_kwargs), cluster_nodes(), field)
+
+
+def check_schedulable(compute_kwargs: Mapping[str, Any], field: str = "compute_kwargs") -> None:
+    """Raise ``ResourceError`` now if ``compute_kwargs`` can never be scheduled, not hang."""
+    problem = schedule_problem(compute_kwargs, field)
     if problem:
         raise ResourceError(problem)

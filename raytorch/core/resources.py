@@ -138,6 +138,12 @@ class WorkerPlan:
         return out
 
 
+def pending_allowed() -> bool:
+    """``RAYTORCH_ALLOW_PENDING=1``: an autoscaler may add nodes later, so requests the cluster
+    cannot hold now are left to wait instead of refused."""
+    return os.environ.get("RAYTORCH_ALLOW_PENDING") == "1"
+
+
 def plan_workers(cfg: TrainerConfig, nodes: Sequence[Mapping[str, float]]) -> WorkerPlan:
     """Decide each worker's resources and check that the cluster can ever hold them all.
 
@@ -154,7 +160,7 @@ def plan_workers(cfg: TrainerConfig, nodes: Sequence[Mapping[str, float]]) -> Wo
     options["num_cpus"] = cpu_plan.num_cpus
     plan = WorkerPlan(n, options, cpu_plan.message)
     request = resource_request(options)
-    if os.environ.get("RAYTORCH_ALLOW_PENDING") == "1":  # an autoscaler may add nodes later
+    if pending_allowed():
         return plan
     problem = unschedulable(request, list(nodes))
     if problem:

@@ -116,5 +116,33 @@ def test_a_worker_no_alive_node_can_run_fails_instead_of_waiting_forever(ray_loc
 
     ref = ray.remote(lambda: 1).options(resources={"lost_node_slot": 1}).remote()
     with pytest.raises(TrainingError, match=r"cannot run: the worker asks for lost_node_slot=1"):
-        _await_task(ref, {"lost_node_slot": 1.0}, poll_s=0.2)
+        _await_task(ref, {"resources": {"lost_node_slot": 1.0}}, poll_s=0.2)
     assert ray.get(ray.remote(lambda: 2).remote()) == 2  # Ray goes on serving
+
+
+@pytest.mark.timeout(60)
+def test_with_an_autoscaler_a_pending_worker_is_left_to_wait(ray_local, monkeypatch):
+    """RAYTORCH_ALLOW_PENDING=1: a node may still come, so the wait is not cut short."""
+    import threading
+
+    import ray
+
+    from raytorch.cluster.launcher import _await_task
+
+    monkeypatch.setenv("RAYTORCH_ALLOW_PENDING", "1")
+    ref = ray.remote(lambda: 1).options(resources={"coming_node_slot": 1}).remote()
+    outcome: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            _await_task(ref, {"resources": {"coming_node_slot": 1.0}}, poll_s=0.2)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    waiter.join(timeout=1.5)  # several polls
+    assert waiter.is_alive() and not outcome  # still waiting, not failed
+    ray.cancel(ref, force=True)
+    waiter.join(timeout=20)
+    assert outcome and not isinstance(outcome[0], TrainingError)
