@@ -8,10 +8,11 @@ directories are written under a hidden temporary name in the same parent, fsynce
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,12 @@ def is_uri(path: str | os.PathLike[str]) -> bool:
     return "://" in os.fspath(path)
 
 
+def is_remote(path: str | os.PathLike[str]) -> bool:
+    """True for object storage (``s3://``, ``gs://``, ...): a URI other than ``file://``."""
+    text = os.fspath(path)
+    return is_uri(text) and not text.startswith("file://")
+
+
 def join(base: str | os.PathLike[str], *parts: str) -> str:
     """``base/part/...`` for a local path or a URI (``Path`` would collapse a URI's ``//``)."""
     out = os.fspath(base).rstrip("/")
@@ -165,15 +172,18 @@ def store_endpoint(uri: str) -> str:
     return f"{parts.scheme}://"
 
 
+def _no_bucket(uri: str) -> str:
+    bucket = uri.split("://", 1)[-1].split("/", 1)[0]
+    return f"bucket {bucket!r} does not exist at {store_endpoint(uri)}; create it or fix the URI"
+
+
 def _store_reason(uri: str, exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     short = text if len(text) <= 300 else text[:300] + "..."
-    where = store_endpoint(uri)
-    bucket = uri.split("://", 1)[-1].split("/", 1)[0]
     if any(s in text for s in _UNREACHABLE):
         return (
-            f"the object store at {where} cannot be reached ({short}); check AWS_ENDPOINT_URL "
-            "(or the URI's endpoint_override) and the network"
+            f"the object store at {store_endpoint(uri)} cannot be reached ({short}); check "
+            "AWS_ENDPOINT_URL (or the URI's endpoint_override) and the network"
         )
     if any(s in text for s in _DENIED):
         return (
@@ -181,7 +191,7 @@ def _store_reason(uri: str, exc: BaseException) -> str:
             "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the bucket's policy"
         )
     if any(s in text for s in _NO_BUCKET):
-        return f"bucket {bucket!r} does not exist at {where}; create it or fix the URI"
+        return _no_bucket(uri)
     return short
 
 
@@ -192,6 +202,13 @@ def store_problem(uri: str, exc: BaseException) -> str:
     's3://b/k: access denied (AWS Error ACCESS_DENIED in HeadObject)'
     """
     return f"{uri}: {_store_reason(uri, exc)}"
+
+
+# Stores a caller already checked, for the block of ``stores_checked`` (the CLI checks a job's
+# stores before Ray starts; the trainer and predict would check the same URIs again).
+_CHECKED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "raytorch_checked_stores", default=frozenset()
+)
 
 
 def check_store(uri: str | os.PathLike[str], field: str) -> None:
@@ -205,31 +222,42 @@ def check_store(uri: str | os.PathLike[str], field: str) -> None:
     from pyarrow import fs
 
     text = os.fspath(uri)
-    if not is_uri(text) or text.startswith("file://"):
+    if not is_remote(text) or text in _CHECKED.get():
         return
     try:
         filesystem, path = resolve(text)
-        bucket = path.split("/", 1)[0]
-        if filesystem.get_file_info(bucket).type == fs.FileType.NotFound:
-            raise StorageError(
-                f"{field}={text!r}: bucket {bucket!r} does not exist at {store_endpoint(text)}; "
-                "create it or fix the URI"
-            )
+        bucket = filesystem.get_file_info(path.split("/", 1)[0])
         filesystem.get_file_info(path)
     except (OSError, ValueError) as exc:
-        if isinstance(exc, StorageError):
-            raise
         raise StorageError(f"{field}={text!r}: {_store_reason(text, exc)}") from exc
+    if bucket.type == fs.FileType.NotFound:
+        raise StorageError(f"{field}={text!r}: {_no_bucket(text)}")
+
+
+def _store_fields(fields: Mapping[str, Any]) -> Iterator[tuple[str, str | os.PathLike[str]]]:
+    for field, value in fields.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (str, os.PathLike)):
+                yield field, item
 
 
 def check_stores(**fields: Any) -> None:
     """:func:`check_store` for each field whose value is a path, or a list of paths, naming an
     object store (other values, such as tables, pass)."""
-    for field, value in fields.items():
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for item in values:
-            if isinstance(item, (str, os.PathLike)):
-                check_store(item, field)
+    for field, item in _store_fields(fields):
+        check_store(item, field)
+
+
+@contextlib.contextmanager
+def stores_checked(**fields: Any) -> Iterator[None]:
+    """:func:`check_stores`, then skip these URIs in any check inside the block."""
+    check_stores(**fields)
+    done = {os.fspath(item) for _, item in _store_fields(fields)}
+    token = _CHECKED.set(_CHECKED.get() | done)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
 
 
 def upload_dir(local: str | os.PathLike[str], target: str, last: str | None = None) -> None:
@@ -289,8 +317,8 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write a whole file: atomically on a local path, as one upload on object storage (an
     object appears whole or not at all)."""
     text = os.fspath(path)
-    if not is_uri(text) or text.startswith("file://"):
-        local = Path(text[len("file://") :] if text.startswith("file://") else text)
+    if not is_remote(text):
+        local = Path(text.removeprefix("file://"))
         atomic_write(local.expanduser(), lambda f: f.write(data))
         return
     filesystem, root = resolve(text)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from raytorch.core.errors import CheckpointError, ImportReferenceError
 from raytorch.core.references import import_checked
-from raytorch.engine.fs import atomic_dir, download_dir, is_uri, upload_dir
+from raytorch.engine.fs import atomic_dir, download_dir, is_remote, upload_dir
 from raytorch.engine.state import (
     from_json_value,
     load_state,
@@ -45,7 +45,7 @@ def save_model(model: TorchModel, path: str | os.PathLike[str]) -> Path | str:
     """Write ``model`` to a directory atomically (see :meth:`TorchModel.save`); an
     object-storage URI gets the files uploaded with ``model.json`` last, so a half-written
     upload is never loaded."""
-    if is_uri(os.fspath(path)) and not os.fspath(path).startswith("file://"):
+    if is_remote(path):
         with tempfile.TemporaryDirectory(prefix="raytorch-save-") as tmp:
             local = save_model(model, Path(tmp) / "model")
             upload_dir(local, os.fspath(path), last="model.json")
@@ -145,7 +145,7 @@ def load_model(
     """Load a model directory (see :meth:`TorchModel.load`); an object-storage URI is copied
     to a temporary directory first, and errors name the URI."""
     text = os.fspath(path)
-    if is_uri(text) and not text.startswith("file://"):
+    if is_remote(text):
         with tempfile.TemporaryDirectory(prefix="raytorch-load-") as tmp:
             local = download_dir(text, Path(tmp) / "model")
             try:

@@ -122,10 +122,10 @@ def _job_session(job: Job, address: str | None, echo: Echo) -> Iterator[None]:
     """The job's modules importable and shipped by value, and Ray joined or started, for one
     run; the caller's ``sys.path`` and pickling rules are restored after it."""
     from raytorch.cluster.session import ensure_ray
-    from raytorch.engine.fs import check_stores
+    from raytorch.engine.fs import stores_checked
 
-    check_stores(**job_stores(job))  # before Ray starts: a wrong endpoint should cost seconds
-    with python_path(job._base_dir, job.python_path):
+    # Before Ray starts: a wrong endpoint should cost seconds (the run does not check them again).
+    with stores_checked(**job_stores(job)), python_path(job._base_dir, job.python_path):
         shipped = ship_job_modules(job)
         try:
             if shipped:

@@ -356,3 +356,17 @@ def test_a_job_submitted_with_s3_paths_writes_there_and_is_fetched_from_there(s3
     assert (fetched / "checkpoints" / "best" / "weights.pt").read_bytes() == _read(
         "s3://bkt/sub/runs/via-submit/checkpoints/best/weights.pt"
     )
+
+
+def test_stores_checked_once_are_not_checked_again_inside_the_block(s3, monkeypatch):
+    """The CLI checks a job's stores before Ray starts; the run inside does not repeat them."""
+    from raytorch.core.errors import StorageError
+    from raytorch.engine.fs import check_store, stores_checked
+
+    with stores_checked(data=["s3://bkt/a"]):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # now dead
+        check_store("s3://bkt/a", "data")  # checked on entry: no request now
+        with pytest.raises(StorageError, match="cannot be reached"):
+            check_store("s3://bkt/b", "data")  # any other URI is checked
+    with pytest.raises(StorageError, match="cannot be reached"):
+        check_store("s3://bkt/a", "data")  # and after the block, this one again
