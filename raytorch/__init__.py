@@ -1,23 +1,39 @@
 """raytorch: run PyTorch training and batch inference as jobs on Ray.
 
-The public API is re-exported here. Names that need Ray are imported lazily on first use, so that
-``import raytorch`` stays fast (``import ray.train.torch`` alone costs seconds).
+The public API is re-exported here. Names that need torch or Ray are imported lazily on first
+use, so that ``import raytorch`` stays fast (``import ray.train.torch`` alone costs seconds) and
+imports no torch: every Ray worker process of a Ray that raytorch starts runs
+``raytorch.cluster.compat.quiet_ray_loggers`` at start, including Ray Train's controller and its
+other helper actors, which never use torch.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from raytorch.core.batching import create_batch, unpack_batch
-from raytorch.core.devices import DeviceChoice, choose_device
 from raytorch.core.errors import RaytorchError, RunError, UserError
 from raytorch.core.signature import Signature
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from raytorch.cluster.inference import PredictSummary, predict
+    from raytorch.cluster.trainer import TorchTrainer, evaluate
+    from raytorch.core.batching import create_batch, unpack_batch
+    from raytorch.core.devices import DeviceChoice, choose_device
+    from raytorch.core.metrics import Metric
+    from raytorch.core.stopping import EarlyStopping, StopReason
+    from raytorch.engine.decorator import BasicDataset, torchmodel
+    from raytorch.engine.model import TorchModel
+    from raytorch.engine.runs import TrainingResult
 
 __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first attribute access.
 _LAZY = {
+    "create_batch": "raytorch.core.batching",
+    "unpack_batch": "raytorch.core.batching",
+    "DeviceChoice": "raytorch.core.devices",
+    "choose_device": "raytorch.core.devices",
     "TorchModel": "raytorch.engine.model",
     "torchmodel": "raytorch.engine.decorator",
     "BasicDataset": "raytorch.engine.decorator",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import raytorch
-from raytorch.core import errors
+from raytorch.core import batching, errors
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
@@ -135,6 +135,9 @@ def test_the_public_api_exports_the_tree() -> None:
     assert raytorch.UserError is errors.UserError
     assert raytorch.RunError is errors.RunError
     assert set(raytorch.__all__) <= set(dir(raytorch))
+    # Every name resolves (most are imported lazily, on first use).
+    assert all(getattr(raytorch, name) is not None for name in raytorch.__all__)
+    assert raytorch.create_batch is batching.create_batch
 
 
 def test_the_pure_layer_loads_without_ray_or_pyarrow() -> None:

@@ -149,7 +149,11 @@ def quiet_ray_loggers() -> None:
 _DATA_KNOBS = {"enable_progress_bars": False, "print_on_execution_start": False}
 
 
-def _data_context() -> Any:
+def _data_context(import_it: bool = True) -> Any:
+    """Ray Data's current context; None where Ray Data is missing, or not imported yet and
+    ``import_it`` is false (importing it costs about half a second)."""
+    if not import_it and "ray.data" not in sys.modules:
+        return None
     try:
         from ray.data import DataContext
     except ImportError:
@@ -157,9 +161,13 @@ def _data_context() -> Any:
     return DataContext.get_current()
 
 
-def quiet_ray_data_here() -> None:
-    """Keep Ray Data's progress bars and execution logs out of this process (a Ray worker's)."""
-    ctx = _data_context()
+def quiet_ray_data_here(import_it: bool = True) -> None:
+    """Keep Ray Data's progress bars and execution logs out of this process (a Ray worker's).
+
+    With ``import_it`` false, a process that has not imported Ray Data does not import it for
+    this: only its logger level is set.
+    """
+    ctx = _data_context(import_it)
     for knob, value in _DATA_KNOBS.items():
         if ctx is not None and hasattr(ctx, knob):
             setattr(ctx, knob, value)
@@ -174,12 +182,16 @@ def quiet_ray_data() -> Iterator[None]:
     """Ray Data quiet for one block of raytorch's own work in the driver, then as it was.
 
     A user's own Ray Data pipelines after a ``fit`` or ``predict`` keep their progress bars.
+    Ray Data is not imported for this: a fit that does not use it (data in memory, one worker)
+    never pays its import. Where the block imports it, ``ray_env``'s variables
+    (``RAY_DATA_DISABLE_PROGRESS_BARS``, ``RAY_DATA_LOG_LEVEL``) and the logger level set here
+    keep it quiet.
     """
-    ctx = _data_context()
+    ctx = _data_context(import_it=False)
     saved = {k: getattr(ctx, k) for k in _DATA_KNOBS if ctx is not None and hasattr(ctx, k)}
     data_logger = logging.getLogger("ray.data")
     level = data_logger.level
-    quiet_ray_data_here()
+    quiet_ray_data_here(import_it=False)
     try:
         yield
     finally:

@@ -458,7 +458,7 @@ def _evaluate_task(model: Any, cfg: TrainerConfig, refs: list[Any], as_dict: boo
 
     acc = MetricAccumulator(cfg.metrics("valid"))
     objective = resolve_objective(cfg)
-    quiet_ray_data_here()  # a Ray worker: the change stays in its process
+    quiet_ray_data_here(import_it=False)  # tables from the object store: no Ray Data here
     device = _device_of(model, 0)
     module = model.object.to(device)
     module.eval()
