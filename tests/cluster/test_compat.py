@@ -61,3 +61,51 @@ def test_every_private_ray_api_is_still_where_raytorch_looks(monkeypatch):
     assert train_start_timeout() == (name, 7.5)
     monkeypatch.setenv(name, "soon")  # not a number: the default (only a message uses it)
     assert train_start_timeout()[1] == seconds
+
+
+def _run(code: str) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_the_worker_hook_and_a_quiet_block_import_neither_torch_nor_ray_data():
+    """The hook runs in every worker process of a Ray that raytorch starts, Ray Train's
+    controller and helper actors included; a fit with data in memory needs no Ray Data."""
+    code = (
+        "import sys\n"
+        "from raytorch.cluster.compat import quiet_ray_data, quiet_ray_loggers\n"
+        "quiet_ray_loggers()\n"
+        "with quiet_ray_data():\n"
+        "    pass\n"
+        "print(sorted(m for m in ('torch', 'ray.data', 'pyarrow') if m in sys.modules))\n"
+    )
+    assert _run(code) == "[]"
+
+
+def test_the_first_task_on_a_local_ray_raytorch_starts_finds_its_process_started():
+    """The setup hook gives the job a runtime environment, so Ray's own idle workers (started
+    for jobs without one) cannot take its tasks; ensure_ray starts the job's own at once."""
+    code = (
+        "import os, sys, time, ray\n"
+        "def started(pid):  # the process's start, from /proc (Linux)\n"
+        "    ticks = int(open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[19])\n"
+        "    boot = next(int(x.split()[1]) for x in open('/proc/stat') if x[:5] == 'btime')\n"
+        "    return boot + ticks / os.sysconf('SC_CLK_TCK')\n"
+        "from raytorch.cluster.session import ensure_ray\n"
+        "os.environ['RAY_ADDRESS'] = 'local'\n"
+        "ensure_ray(num_cpus=2)\n"
+        "time.sleep(3)\n"
+        "@ray.remote(num_cpus=1)\n"
+        "def where():\n"
+        "    return os.getpid(), 'torch' in sys.modules\n"
+        "submitted = time.time()\n"
+        "pid, torch_loaded = ray.get(where.remote())\n"
+        "print(started(pid) < submitted - 1, torch_loaded)\n"
+    )
+    assert _run(code) == "True False"
