@@ -73,12 +73,28 @@ def train_start_timeout() -> tuple[str, float]:
     return name, value
 
 
+def _private_dataset_copy() -> Callable[..., Any] | None:
+    import inspect
+
+    try:
+        from ray.data import Dataset
+    except ImportError:
+        return None
+    copy = getattr(Dataset, "copy", None)
+    try:
+        deep = copy is not None and "_deep_copy" in inspect.signature(copy).parameters
+    except (TypeError, ValueError):
+        return None
+    return copy if deep else None
+
+
 def private_apis() -> dict[str, bool]:
     """Which private Ray APIs this Ray still has (False: raytorch runs on the fallback)."""
     return {
         "runtime_env packaging (_dir_travel, _get_excludes)": _private_packaging() is not None,
         "ray._private.utils.get_num_cpus": _private_num_cpus() is not None,
         "Ray Train's worker group start timeout": _private_start_timeout() is not None,
+        "ray.data.Dataset.copy(_deep_copy=True)": _private_dataset_copy() is not None,
     }
 
 
@@ -159,6 +175,25 @@ def _data_context(import_it: bool = True) -> Any:
     except ImportError:
         return None
     return DataContext.get_current()
+
+
+def quiet_dataset(dataset: Any) -> Any:
+    """A copy of a user's ``ray.data.Dataset`` that runs without Ray Data's progress bars.
+
+    A Dataset carries the DataContext it was made under, and it runs by that context wherever it
+    runs (a training worker, Ray Train's split coordinator, the inference pipeline), not by the
+    quiet one of raytorch's block: made outside it, its progress bars (or Ray's "tqdm is not
+    installed" warning) came out in the middle of raytorch's own progress. The user's object
+    keeps its settings. Where Ray's copy has moved, the dataset is used as it is.
+    """
+    copy = _private_dataset_copy()
+    if copy is None or logging.getLogger("raytorch").isEnabledFor(logging.DEBUG):
+        return dataset
+    quiet = copy(dataset, _deep_copy=True)
+    for knob, value in _DATA_KNOBS.items():
+        if hasattr(quiet.context, knob):
+            setattr(quiet.context, knob, value)
+    return quiet
 
 
 def quiet_ray_data_here(import_it: bool = True) -> None:

@@ -26,7 +26,12 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raytorch.cluster.compat import CONSTRUCTOR_ARGS_NOTICE, drop_stderr_lines, quiet_ray_data
+from raytorch.cluster.compat import (
+    CONSTRUCTOR_ARGS_NOTICE,
+    drop_stderr_lines,
+    quiet_dataset,
+    quiet_ray_data,
+)
 from raytorch.cluster.session import check_schedulable, cluster_nodes, ensure_ray, ray_env
 from raytorch.core.errors import (
     ColumnError,
@@ -161,7 +166,7 @@ def _plan_source(data: Any, unit_rows: int) -> tuple[str, SourcePlan | None, Any
     import ray.data  # importing starts no Ray
 
     if isinstance(data, ray.data.Dataset):
-        return "dataset", None, data
+        return "dataset", None, quiet_dataset(data)
     if isinstance(data, (str, os.PathLike)) or (
         isinstance(data, (list, tuple)) and all(isinstance(d, (str, os.PathLike)) for d in data)
     ):

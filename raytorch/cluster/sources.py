@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from raytorch.cluster.compat import quiet_dataset
 from raytorch.core.errors import DataError
 from raytorch.core.layout import Layout
 from raytorch.engine.arrow import to_table
@@ -43,7 +44,7 @@ def to_dataset(source: Any, field: str = "data") -> ray.data.Dataset:
     import ray.data
 
     if isinstance(source, ray.data.Dataset):
-        return source
+        return quiet_dataset(source)
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if isinstance(source, str):

@@ -74,16 +74,16 @@ def _run(code: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def test_the_worker_hook_and_a_quiet_block_import_neither_torch_nor_ray_data():
+def test_import_raytorch_the_worker_hook_and_a_quiet_block_import_neither_torch_nor_ray():
     """The hook runs in every worker process of a Ray that raytorch starts, Ray Train's
     controller and helper actors included; a fit with data in memory needs no Ray Data."""
     code = (
-        "import sys\n"
+        "import sys, raytorch\n"
         "from raytorch.cluster.compat import quiet_ray_data, quiet_ray_loggers\n"
         "quiet_ray_loggers()\n"
         "with quiet_ray_data():\n"
         "    pass\n"
-        "print(sorted(m for m in ('torch', 'ray.data', 'pyarrow') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'ray', 'pyarrow') if m in sys.modules))\n"
     )
     assert _run(code) == "[]"
 
@@ -109,3 +109,25 @@ def test_the_first_task_on_a_local_ray_raytorch_starts_finds_its_process_started
         "print(started(pid) < submitted - 1, torch_loaded)\n"
     )
     assert _run(code) == "True False"
+
+
+def test_a_users_dataset_runs_quiet_in_raytorch_and_keeps_its_own_settings(ray_local):
+    """A Dataset runs by the DataContext it was made under: made with progress bars on (outside
+    raytorch), it put Ray Data's bars, or its 'tqdm is not installed' warning, into a fit."""
+    import ray.data
+
+    from raytorch.cluster.compat import quiet_dataset
+    from raytorch.cluster.sources import to_dataset
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars
+    ctx.enable_progress_bars = True
+    try:
+        users = ray.data.range(10).map_batches(lambda b: {"id": b["id"] * 2})
+    finally:
+        ctx.enable_progress_bars = saved
+    ours = to_dataset(users)
+    assert ours is not users and not ours.context.enable_progress_bars
+    assert not quiet_dataset(users).context.print_on_execution_start
+    assert users.context.enable_progress_bars  # the user's object is untouched
+    assert sorted(r["id"] for r in ours.take_all()) == list(range(0, 20, 2))
