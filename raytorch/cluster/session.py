@@ -84,23 +84,23 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         start_workers(ray.cluster_resources().get("CPU", 0))
 
 
-# How many worker processes a local Ray that raytorch starts has ready for this job.
-WARM_WORKERS = 2
+# How many worker processes a local Ray that raytorch starts has ready for this job: one, for
+# its first task (a 1-worker fit).
+WARM_WORKERS = 1
 
 
 def start_workers(cpus: float) -> None:
-    """Have this job's first worker processes start now, while the driver goes on.
+    """Have this job's first worker process start now, while the driver goes on.
 
     Ray starts idle workers of its own with its nodes, but only for jobs without a runtime
     environment: the setup hook above gives this job one, so its first task would start a new
-    process of its own (about 0.7 s here). A few empty tasks start the job's processes now.
-    They take a CPU each, for a moment: a task submitted meanwhile waits for one of them to
-    end and reuses its process, instead of starting yet another one (zero-CPU tasks left the
-    first fit starting its own). Nothing waits on them.
+    process of its own (about 0.7 s here). An empty task starts the job's first process now, and
+    a task that comes once it is up reuses it. The task asks for no CPU, so it delays nothing:
+    a fit called at once (before it is up) starts its own process, as it would without it.
     """
     import ray
 
-    empty = ray.remote(num_cpus=1, max_retries=0)(_started)
+    empty = ray.remote(num_cpus=0, max_retries=0)(_started)
     for _ in range(min(int(cpus), WARM_WORKERS)):
         empty.remote()
 
