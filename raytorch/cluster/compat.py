@@ -150,10 +150,15 @@ _PROGRESS_NOTICE = _DropProgressNotice()
 _PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
+def _showing_ray() -> bool:
+    """Whether Ray's own output is shown: the ``raytorch`` logger at DEBUG (``--debug``)."""
+    return logging.getLogger("raytorch").isEnabledFor(logging.DEBUG)
+
+
 def quiet_ray_loggers() -> None:
     """Raise Ray-internal loggers that only add noise (in Ray worker processes only): the
     worker setup hook of every Ray that raytorch starts or joins."""
-    if logging.getLogger("raytorch").isEnabledFor(logging.DEBUG):
+    if _showing_ray():
         return
     for name, level in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
@@ -177,6 +182,13 @@ def _data_context(import_it: bool = True) -> Any:
     return DataContext.get_current()
 
 
+def _quiet_context(ctx: Any) -> None:
+    """raytorch's quiet knobs on one Ray Data context (those this Ray has)."""
+    for knob, value in _DATA_KNOBS.items():
+        if hasattr(ctx, knob):
+            setattr(ctx, knob, value)
+
+
 def quiet_dataset(dataset: Any) -> Any:
     """A copy of a user's ``ray.data.Dataset`` that runs without Ray Data's progress bars.
 
@@ -187,12 +199,10 @@ def quiet_dataset(dataset: Any) -> Any:
     keeps its settings. Where Ray's copy has moved, the dataset is used as it is.
     """
     copy = _private_dataset_copy()
-    if copy is None or logging.getLogger("raytorch").isEnabledFor(logging.DEBUG):
+    if copy is None or _showing_ray():
         return dataset
     quiet = copy(dataset, _deep_copy=True)
-    for knob, value in _DATA_KNOBS.items():
-        if hasattr(quiet.context, knob):
-            setattr(quiet.context, knob, value)
+    _quiet_context(quiet.context)
     return quiet
 
 
@@ -203,10 +213,9 @@ def quiet_ray_data_here(import_it: bool = True) -> None:
     this: only its logger level is set.
     """
     ctx = _data_context(import_it)
-    for knob, value in _DATA_KNOBS.items():
-        if ctx is not None and hasattr(ctx, knob):
-            setattr(ctx, knob, value)
-    debug = logging.getLogger("raytorch").isEnabledFor(logging.DEBUG)
+    if ctx is not None:
+        _quiet_context(ctx)
+    debug = _showing_ray()
     logging.getLogger("ray.data").setLevel(logging.INFO if debug else logging.WARNING)
     if not debug:
         logging.getLogger(_PROGRESS_LOGGER).addFilter(_PROGRESS_NOTICE)
@@ -266,7 +275,7 @@ def drop_stderr_lines(*needles: bytes) -> Iterator[None]:
     """
     import threading
 
-    if logging.getLogger("raytorch").isEnabledFor(logging.DEBUG):
+    if _showing_ray():
         yield
         return
     try:
