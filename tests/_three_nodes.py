@@ -177,7 +177,7 @@ def _inference(cluster: Any, tmp: Path) -> dict[str, Any]:
     def progress(update: Any) -> None:
         done["units"] = update.units_done
 
-    _remove_when(cluster, lambda: done["units"] >= 6, "MapWorker", removed)
+    _remove_when(cluster, lambda: done["units"] >= 6, "_UnitActor", removed)
     summary = predict(
         model,
         str(data),

@@ -1,11 +1,12 @@
 """Batch inference over datasets larger than memory: ``raytorch.predict``.
 
 How it runs: the input is cut into deterministic *units* (parquet file x run of row groups, or a
-fixed row range of a table). A Ray Data ``map_batches`` actor pool (a callable class on
-``ActorPoolStrategy``) receives unit descriptors, one per call; each actor loads the model once,
-streams its unit in batches (preprocess, collate, forward on the actor's own device, postprocess)
-and writes the unit's one part file itself (temp name, then rename), then its commit record. The
-driver only sees small commit records: memory stays bounded however large the input is.
+fixed row range of a table). raytorch's own actor pool (``unit_pool``) hands the units to its
+actors; each actor loads the model once, streams a unit in batches (preprocess, collate, forward
+on the actor's own device, postprocess) and writes the unit's one part file itself (temp name,
+then rename), then its commit record. The driver only sees small commit records: memory stays
+bounded however large the input is. A ``ray.data.Dataset`` input has no units known in advance:
+a Ray Data actor pool runs it block by block, with the same runner.
 
 Why the actors write parts themselves instead of ``Dataset.write_parquet``: Ray Data's writer
 cannot resume and has reported silent row loss; a part per unit, committed by rename and recorded
@@ -14,12 +15,14 @@ last, is what lets a re-run skip finished units, write each row exactly once, an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +36,7 @@ from raytorch.cluster.compat import (
     quiet_ray_data,
 )
 from raytorch.cluster.session import check_schedulable, cluster_nodes, ensure_ray, ray_env
+from raytorch.cluster.unit_pool import UnitPool
 from raytorch.core.errors import (
     ColumnError,
     ConfigError,
@@ -89,24 +93,25 @@ __all__ = [
 ]
 
 
-class _UnitWorker:
-    """The Ray Data actor: loads the model once, then runs one unit per call."""
+class _Loaded:
+    """What an actor loads once: the model's runner, and the table a table input was put as."""
 
     def __init__(self, model_box: list[Any], table_box: list[Any], options: dict[str, Any]) -> None:
         import ray
 
         from raytorch.core.devices import apply_threads
 
+        options = dict(options)
         apply_threads(options.pop("threads"))
         model = ray.get(model_box[0])
         self.batch_size = options.pop("batch_size")
-        self.mode = options.pop("mode")
+        options.pop("mode")
         self.table: pa.Table | None = ray.get(table_box[0]) if table_box else None
         self.runner = _Runner(model, **options)
         self.runner.node = ray.get_runtime_context().get_node_id()
-        logger.info("inference actor on %s", self.runner.device)
 
-    def _batches(self, unit: Unit) -> Iterator[pa.Table]:
+    def batches(self, unit: Unit) -> Iterator[pa.Table]:
+        """The unit's rows, ``batch_size`` at a time."""
         if self.table is not None:
             part = self.table.slice(unit.start, unit.num_rows)
             for rb in part.to_batches(max_chunksize=self.batch_size):
@@ -114,30 +119,49 @@ class _UnitWorker:
         else:
             yield from _parts.read_unit(unit, self.runner.columns, self.batch_size)
 
+
+class _UnitActor:
+    """An actor of raytorch's own pool (parquet and table inputs): one unit per call.
+
+    Loading is a method, not ``__init__``, so a raytorch error raised while loading reaches the
+    driver as itself (Ray reports a failed ``__init__`` as a dead actor, with the error as text).
+    """
+
+    def __init__(self, model_box: list[Any], table_box: list[Any], options: dict[str, Any]) -> None:
+        self._args = (model_box, table_box, options)
+        self._loaded: _Loaded | None = None
+
+    def load(self) -> str:
+        self._loaded = _Loaded(*self._args)
+        runner = self._loaded.runner
+        return f"{runner.device} on node {str(runner.node)[:8]}"
+
+    def run_unit(self, text: str) -> dict[str, Any]:
+        assert self._loaded is not None, "load() runs first"
+        unit = Unit.from_json(text)
+        return self._loaded.runner.run_unit(unit, self._loaded.batches(unit))
+
+
+class _BlockWorker:
+    """The Ray Data actor for a ``ray.data.Dataset`` input: each block is a unit of its own."""
+
+    def __init__(self, model_box: list[Any], table_box: list[Any], options: dict[str, Any]) -> None:
+        self.loaded = _Loaded(model_box, table_box, options)
+        logger.info("inference actor on %s", self.loaded.runner.device)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         try:
-            records = self._run(batch)
+            # A block has no stable position to resume from: it is its own unit.
+            unit = Unit(f"b-{uuid.uuid4().hex[:16]}", 0, batch.num_rows)
+            size = self.loaded.batch_size
+            tables = (batch.slice(s, size) for s in range(0, batch.num_rows, size))
+            record = self.loaded.runner.run_unit(unit, tables)
         except RaytorchError as exc:
             # Ray Data would wrap it in a UserCodeException that reaches the driver without the
             # original; a record naming the class lets the driver raise raytorch's own error.
             error = {"error": type(exc).__name__, "message": str(exc)}
             return pa.table({"record": [json.dumps(error)]})
-        return pa.table({"record": [json.dumps(r) for r in records]})
-
-    def _run(self, batch: pa.Table) -> list[dict[str, Any]]:
-        records = []
-        if self.mode == "dataset":
-            # A block of a Ray Dataset: its own unit (no stable position to resume from).
-            unit = Unit(f"b-{uuid.uuid4().hex[:16]}", 0, batch.num_rows)
-            tables = (
-                batch.slice(s, self.batch_size) for s in range(0, batch.num_rows, self.batch_size)
-            )
-            records.append(self.runner.run_unit(unit, tables))
-        else:
-            for text in batch.column("unit").to_pylist():
-                unit = Unit.from_json(text)
-                records.append(self.runner.run_unit(unit, self._batches(unit)))
-        return records
+        return pa.table({"record": [json.dumps(record)]})
 
 
 def _raise_worker_error(record: Mapping[str, Any]) -> None:
@@ -163,9 +187,9 @@ def _plan_source(data: Any, unit_rows: int) -> tuple[str, SourcePlan | None, Any
     """Return (mode, plan, dataset): mode is 'parquet', 'table' or 'dataset'."""
     if isinstance(data, pa.Table):
         return "table", _parts.plan_table(data, unit_rows), None
-    import ray.data  # importing starts no Ray
-
-    if isinstance(data, ray.data.Dataset):
+    # A Dataset's module is loaded already; importing Ray Data only to ask costs 0.5 s.
+    ray_data = sys.modules.get("ray.data")
+    if ray_data is not None and isinstance(data, ray_data.Dataset):
         return "dataset", None, quiet_dataset(data)
     if isinstance(data, (str, os.PathLike)) or (
         isinstance(data, (list, tuple)) and all(isinstance(d, (str, os.PathLike)) for d in data)
@@ -338,10 +362,9 @@ def _pool(plan: _Plan, todo: list[Unit] | None) -> tuple[PoolPlan, dict[str, Any
     return pool, actor
 
 
-def _records(plan: _Plan, pool: PoolPlan, actor: dict[str, Any], todo: list[Unit] | None) -> Any:
-    """The Ray Data pipeline whose rows are the commit records of the units it ran."""
+def _actor_args(plan: _Plan, pool: PoolPlan) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """The arguments of every actor: the model (and a table input) in the object store."""
     import ray
-    import ray.data
 
     options = {
         **plan.options,
@@ -354,28 +377,51 @@ def _records(plan: _Plan, pool: PoolPlan, actor: dict[str, Any], todo: list[Unit
     # the reference, not a copy per actor argument.
     model_box = [ray.put(plan.model._shippable())]
     table_box = [ray.put(plan.data)] if plan.mode == "table" else []
-    if plan.mode == "dataset":
-        columns = [*_key_columns(options["key"]), *options["carry_columns"], options["id_column"]]
-        source = plan.dataset.select_columns(list(dict.fromkeys(columns)))
-        batch: int | None = plan.unit_rows
-    else:
-        assert todo is not None
-        source = ray.data.from_items(
-            [{"unit": u.to_json()} for u in todo], override_num_blocks=len(todo)
-        )
-        batch = 1
+    return model_box, table_box, options
+
+
+def _unit_records(
+    plan: _Plan, pool: PoolPlan, actor: dict[str, Any], todo: list[Unit]
+) -> Generator[dict[str, Any], None, None]:
+    """Parquet and table inputs: raytorch's own actor pool runs the units left."""
+    import ray
+
+    # SPREAD, as Ray Data places its actors: a pool over several nodes uses all of them.
+    cls = ray.remote(_UnitActor).options(**actor, max_restarts=0, scheduling_strategy="SPREAD")
+    describe = ", ".join(f"{k}={v}" for k, v in actor.items())
+    return UnitPool(cls, _actor_args(plan, pool), pool.size, describe).run(todo)
+
+
+def _block_records(
+    plan: _Plan, pool: PoolPlan, actor: dict[str, Any]
+) -> Generator[dict[str, Any], None, None]:
+    """A ``ray.data.Dataset`` input: a Ray Data actor pool over its blocks."""
+    import ray.data
+
+    options = _actor_args(plan, pool)
+    columns = [
+        *_key_columns(plan.options["key"]),
+        *plan.options["carry_columns"],
+        plan.options["id_column"],
+    ]
+    source = plan.dataset.select_columns(list(dict.fromkeys(columns)))
     extra = {k: v for k, v in actor.items() if k in ("memory", "resources", "accelerator_type")}
-    return source.map_batches(
-        _UnitWorker,
-        fn_constructor_args=(model_box, table_box, options),
-        batch_size=batch,
+    rows = source.map_batches(
+        _BlockWorker,
+        fn_constructor_args=options,
+        batch_size=plan.unit_rows,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.size),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus,
         zero_copy_batch=True,
         **extra,
-    )
+    ).iter_rows()
+    for row in rows:
+        record = json.loads(row["record"])
+        if "error" in record:
+            _raise_worker_error(record)
+        yield record
 
 
 def _execute(
@@ -395,17 +441,22 @@ def _execute(
     tracker = _Tracker(rows_total, len(units) if units else None, rows_before)
     startup: float | None = None
     display = PredictDisplay(rows_total, interval_s)
+    ran = (
+        _block_records(plan, pool, actor)
+        if todo is None
+        else _unit_records(plan, pool, actor, todo)
+    )
     try:
-        for row in _records(plan, pool, actor, todo).iter_rows():
-            rec = json.loads(row["record"])
-            if "error" in rec:
-                _raise_worker_error(rec)
-            records[rec["unit"]] = rec
-            update = tracker.update(rec["rows_read"], len(records), rec.get("rows_rejected", 0))
-            startup = startup if startup is not None else time.monotonic() - started
-            if progress is not None:
-                progress(update)
-            display.update(update, progress_line(update))
+        # Closed at once on any error (a progress callback's too): the pool's actors stop then,
+        # not when the traceback is collected.
+        with contextlib.closing(ran):
+            for rec in ran:
+                records[rec["unit"]] = rec
+                update = tracker.update(rec["rows_read"], len(records), rec.get("rows_rejected", 0))
+                startup = startup if startup is not None else time.monotonic() - started
+                if progress is not None:
+                    progress(update)
+                display.update(update, progress_line(update))
     except Exception as exc:
         found = find_raytorch_error(exc)
         if found is None or found is exc:
@@ -452,7 +503,7 @@ def predict(
     num_threads: int | None = None,
     progress_interval_s: float = 5.0,
 ) -> PredictSummary:
-    """Run ``model`` over ``data`` on a Ray Data actor pool and write parquet parts to ``output``.
+    """Run ``model`` over ``data`` on a pool of Ray actors and write parquet parts to ``output``.
 
     Re-running the same call after a crash finishes the job without redoing committed units; a
     finished output (``_SUCCESS``) is returned as is when its input and model are the same.
@@ -519,7 +570,7 @@ def predict(
     if todo is None or todo:
         with ray_env(), quiet_ray_data():
             ray_started = time.monotonic()
-            ensure_ray()
+            ensure_ray(warm=False)  # the pool's actors start processes of their own
             phases["ray_s"] = time.monotonic() - ray_started
             with drop_stderr_lines(CONSTRUCTOR_ARGS_NOTICE):  # Ray's own, on every pool
                 pool_s, rows_run = _execute(plan, records, todo, progress, progress_interval_s)

@@ -369,10 +369,11 @@ def plan_pool(
 ) -> PoolPlan:
     """Decide the pool size, CPUs/GPUs per actor and torch threads per actor (pure).
 
-    The pool must leave CPU for Ray Data's own tasks: on 2 CPUs a 2-actor pool with 1 CPU each hung
-    silently. So the actors share ``cluster_cpus - reserve`` (reserve 1 CPU, or half of a 1-CPU
-    cluster), with fractional requests where needed. Threads are counted separately from the
-    logical request, from the node's cores per actor.
+    The pool leaves CPU for the driver and for reading: a ``ray.data.Dataset`` input is read by
+    Ray Data's own tasks, and on 2 CPUs a 2-actor pool with 1 CPU each hung silently. So the
+    actors share ``cluster_cpus - reserve`` (reserve 1 CPU, or half of a 1-CPU cluster), with
+    fractional requests where needed; the input's kind is not known here (a job file's check).
+    Threads are counted separately from the logical request, from the node's cores per actor.
 
     Raises:
         PoolError: an explicit ``compute_kwargs['num_cpus']`` x pool size leaves less than the
@@ -406,8 +407,9 @@ def plan_pool(
             fit = math.floor(usable / size * 100) / 100
             raise PoolError(
                 f"compute_kwargs.num_cpus={cpus:g} x {size} actors = {size * cpus:g} CPUs leaves "
-                f"{cluster_cpus - size * cpus:g} of the cluster's {cluster_cpus:g} CPUs for Ray "
-                f"Data's read/write tasks, which need {reserve:g} (else the job hangs); set "
+                f"{cluster_cpus - size * cpus:g} of the cluster's {cluster_cpus:g} CPUs free; "
+                f"predict keeps {reserve:g} for the driver and for reading (Ray Data's read tasks "
+                "for a ray.data.Dataset input would wait for it, and the job hangs); set "
                 f"compute_kwargs.num_cpus <= {fit:g} (fractions are fine) or lower concurrency"
             )
     else:

@@ -90,7 +90,10 @@ def test_import_raytorch_the_worker_hook_and_a_quiet_block_import_neither_torch_
 
 def test_the_first_task_on_a_local_ray_raytorch_starts_finds_its_process_started():
     """The setup hook gives the job a runtime environment, so Ray's own idle workers (started
-    for jobs without one) cannot take its tasks; ensure_ray starts the job's own at once."""
+    for jobs without one) cannot take its tasks; ensure_ray starts the job's own at once.
+
+    In the same Ray (one start, to spare seconds): a predict over parquet runs on raytorch's own
+    pool, and the driver never imports Ray Data (0.5 s) for it."""
     code = (
         "import os, sys, time, ray\n"
         "def started(pid):  # the process's start, from /proc (Linux)\n"
@@ -106,9 +109,15 @@ def test_the_first_task_on_a_local_ray_raytorch_starts_finds_its_process_started
         "    return os.getpid(), 'torch' in sys.modules\n"
         "submitted = time.time()\n"
         "pid, torch_loaded = ray.get(where.remote())\n"
-        "print(started(pid) < submitted - 1, torch_loaded)\n"
+        "import pyarrow as pa, pyarrow.parquet as pq, tempfile, torch, raytorch\n"
+        "model = raytorch.TorchModel('m', object=torch.nn.Linear(2, 1))\n"
+        "tmp = tempfile.mkdtemp()\n"
+        "pq.write_table(pa.table({'x': [[1.0, 2.0], [3.0, 4.0]]}), tmp + '/in.parquet')\n"
+        "s = raytorch.predict(model, tmp + '/in.parquet', tmp + '/out', key='x', concurrency=1)\n"
+        "data = 'ray.data' in sys.modules\n"
+        "print(started(pid) < submitted - 1, torch_loaded, s.rows_written, data)\n"
     )
-    assert _run(code) == "True False"
+    assert _run(code) == "True False 2 False"
 
 
 def test_a_users_dataset_runs_quiet_in_raytorch_and_keeps_its_own_settings(ray_local):
