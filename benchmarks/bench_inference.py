@@ -225,7 +225,7 @@ def main() -> None:
         from raytorch.cluster.session import ensure_ray
 
         t = time.perf_counter()
-        ensure_ray(warm=False)  # as predict starts it: no worker process for tasks at once
+        ensure_ray()
         print(f"    ray start: {time.perf_counter() - t:.1f} s (not counted below)")
         b = run_raytorch(tmp / "data", tmp / "out-raytorch", args.batch_size)
         print(

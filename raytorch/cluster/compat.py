@@ -88,6 +88,20 @@ def _private_dataset_copy() -> Callable[..., Any] | None:
     return copy if deep else None
 
 
+def setup_hook_env_var() -> str | None:
+    """The environment variable by which a Ray worker process finds its setup hook (Ray sets it
+    from ``runtime_env['worker_process_setup_hook']``); None where this Ray has none."""
+    try:
+        from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+    except ImportError:
+        return None
+    return (
+        WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+        if isinstance(WORKER_PROCESS_SETUP_HOOK_ENV_VAR, str)
+        else None
+    )
+
+
 def private_apis() -> dict[str, bool]:
     """Which private Ray APIs this Ray still has (False: raytorch runs on the fallback)."""
     return {
@@ -95,6 +109,7 @@ def private_apis() -> dict[str, bool]:
         "ray._private.utils.get_num_cpus": _private_num_cpus() is not None,
         "Ray Train's worker group start timeout": _private_start_timeout() is not None,
         "ray.data.Dataset.copy(_deep_copy=True)": _private_dataset_copy() is not None,
+        "the worker setup hook's environment variable": setup_hook_env_var() is not None,
     }
 
 

@@ -570,7 +570,7 @@ def predict(
     if todo is None or todo:
         with ray_env(), quiet_ray_data():
             ray_started = time.monotonic()
-            ensure_ray(warm=False)  # the pool's actors start processes of their own
+            ensure_ray()
             phases["ray_s"] = time.monotonic() - ray_started
             with drop_stderr_lines(CONSTRUCTOR_ARGS_NOTICE):  # Ray's own, on every pool
                 pool_s, rows_run = _execute(plan, records, todo, progress, progress_interval_s)

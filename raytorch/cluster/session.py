@@ -49,14 +49,21 @@ def ray_env() -> contextlib.AbstractContextManager[None]:
     return _env(_ENV_DEFAULTS)
 
 
-def ensure_ray(address: str | None = None, *, warm: bool = True, **init_kwargs: Any) -> None:
+# Runs once in every Ray worker process of a Ray that raytorch starts or joins: quiets Ray Train's
+# internal actors (PlacementGroupCleaner polls a State API that needs the dashboard and warns every
+# second without it).
+SETUP_HOOK = "raytorch.cluster.compat.quiet_ray_loggers"
+
+
+def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     """Join the Ray at ``address`` (or ``RAY_ADDRESS``), or start an embedded local Ray.
 
     Does nothing when Ray is already initialised in this process (a driver script's own
-    ``ray.init`` is respected). ``warm``: a local Ray started here starts this job's first worker
-    process at once (:func:`start_workers`); a predict passes False, as its actors cannot use it.
+    ``ray.init`` is respected).
     """
     import ray
+
+    from raytorch.cluster.compat import setup_hook_env_var
 
     if ray.is_initialized():
         return
@@ -64,16 +71,23 @@ def ensure_ray(address: str | None = None, *, warm: bool = True, **init_kwargs: 
     if address is None:
         address = _recorded_or_local()
     local_env = {}
+    runtime_env = dict(init_kwargs.get("runtime_env") or {})
+    hook_env = setup_hook_env_var()
     if address == "local":
         # A local instance needs no token; this silences Ray's auth warning.
         local_env["RAY_AUTH_MODE"] = "disabled"
         init_kwargs.setdefault("include_dashboard", False)
+    if address == "local" and hook_env and "worker_process_setup_hook" not in runtime_env:
+        # A Ray started here: its worker processes find the hook in the environment they inherit,
+        # so the job needs no runtime env for it. A job with one cannot use the idle workers Ray
+        # starts with its node, and each of its processes starts through an extra interpreter
+        # (an actor took 1.3-1.6 s to start here, against 0.5-0.8 s without).
+        local_env[hook_env] = SETUP_HOOK
+    else:
+        runtime_env.setdefault("worker_process_setup_hook", SETUP_HOOK)
+    if runtime_env:
+        init_kwargs["runtime_env"] = runtime_env
     init_kwargs.setdefault("logging_level", logging.WARNING)
-    # Quiet Ray Train's internal actors (PlacementGroupCleaner polls a State API that needs the
-    # dashboard and warns every second without it); runs once in every Ray worker process.
-    runtime_env = dict(init_kwargs.get("runtime_env") or {})
-    runtime_env.setdefault("worker_process_setup_hook", "raytorch.cluster.compat.quiet_ray_loggers")
-    init_kwargs["runtime_env"] = runtime_env
     init_kwargs.setdefault("log_to_driver", True)
     if address == "local":
         logger.info("starting a local Ray on this machine")
@@ -81,37 +95,6 @@ def ensure_ray(address: str | None = None, *, warm: bool = True, **init_kwargs: 
         logger.info("joining the Ray at %s", address)
     with ray_env(), _env(local_env):
         ray.init(address=address, **init_kwargs)
-    if address == "local" and warm:
-        start_workers(ray.cluster_resources().get("CPU", 0))
-
-
-# How many worker processes a local Ray that raytorch starts has ready for this job: one, for
-# its first task (a 1-worker fit).
-WARM_WORKERS = 1
-
-
-def start_workers(cpus: float) -> None:
-    """Have this job's first worker process start now, while the driver goes on.
-
-    Ray starts idle workers of its own with its nodes, but only for jobs without a runtime
-    environment: the setup hook above gives this job one, so its first task would start a new
-    process of its own (about 0.7 s here). An empty task starts the job's first process now, and
-    a task that comes once it is up reuses it. The task asks for no CPU, so it holds back no
-    task: a fit called at once (before it is up) starts its own process, as it would without it.
-
-    Actors never reuse it (Ray gives each actor a process of its own), and while it starts it
-    takes CPU and one of the process starts Ray allows at a time (one per CPU): on 2 CPUs a
-    predict's pool started about 0.5 s later beside it, so a predict starts Ray without it.
-    """
-    import ray
-
-    empty = ray.remote(num_cpus=0, max_retries=0)(_started)
-    for _ in range(min(int(cpus), WARM_WORKERS)):
-        empty.remote()
-
-
-def _started() -> int:
-    return os.getpid()
 
 
 def _env(values: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:

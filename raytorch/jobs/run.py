@@ -130,10 +130,7 @@ def _job_session(job: Job, address: str | None, echo: Echo) -> Iterator[None]:
         try:
             if shipped:
                 echo(f"job modules shipped to workers by value: {', '.join(shipped)}")
-            # A fit's first task can use a worker process started at once; a predict's actors
-            # cannot, and would wait beside its start.
-            warm = isinstance(job, TrainJob)
-            ensure_ray(address, warm=warm, runtime_env=worker_runtime_env(job))
+            ensure_ray(address, runtime_env=worker_runtime_env(job))
             yield
         finally:
             unship_job_modules(shipped)
