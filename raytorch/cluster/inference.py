@@ -105,7 +105,6 @@ class _Loaded:
         apply_threads(options.pop("threads"))
         model = ray.get(model_box[0])
         self.batch_size = options.pop("batch_size")
-        options.pop("mode")
         self.table: pa.Table | None = ray.get(table_box[0]) if table_box else None
         self.runner = _Runner(model, **options)
         self.runner.node = ray.get_runtime_context().get_node_id()
@@ -366,12 +365,7 @@ def _actor_args(plan: _Plan, pool: PoolPlan) -> tuple[list[Any], list[Any], dict
     """The arguments of every actor: the model (and a table input) in the object store."""
     import ray
 
-    options = {
-        **plan.options,
-        "threads": pool.threads,
-        "batch_size": plan.batch_size,
-        "mode": plan.mode,
-    }
+    options = {**plan.options, "threads": pool.threads, "batch_size": plan.batch_size}
     # The model goes to the object store once, on CPU so CPU-only actors can unpickle it (a saved
     # model too: its path may not exist on other nodes). Boxed in a list so Ray hands the actor
     # the reference, not a copy per actor argument.
@@ -441,12 +435,12 @@ def _execute(
     tracker = _Tracker(rows_total, len(units) if units else None, rows_before)
     startup: float | None = None
     display = PredictDisplay(rows_total, interval_s)
-    ran = (
-        _block_records(plan, pool, actor)
-        if todo is None
-        else _unit_records(plan, pool, actor, todo)
-    )
     try:
+        ran = (
+            _block_records(plan, pool, actor)
+            if todo is None
+            else _unit_records(plan, pool, actor, todo)
+        )
         # Closed at once on any error (a progress callback's too): the pool's actors stop then,
         # not when the traceback is collected.
         with contextlib.closing(ran):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 
@@ -59,7 +58,7 @@ def test_a_lost_actor_s_unit_runs_again_and_every_unit_commits_once(ray_local, t
     assert all(_gone(pid) for pid in {r["pid"] for r in records})
 
 
-def test_a_unit_that_kills_every_actor_fails_the_run_naming_it(ray_local, tmp_path):
+def test_a_unit_that_kills_every_actor_fails_the_run_naming_it(ray_local):
     class Worker:
         def load(self) -> str:
             return "up"
@@ -74,7 +73,7 @@ def test_a_unit_that_kills_every_actor_fails_the_run_naming_it(ray_local, tmp_pa
     assert time.monotonic() - started < 60
 
 
-def test_an_error_while_loading_is_raised_as_itself(ray_local, tmp_path: Path):
+def test_an_error_while_loading_is_raised_as_itself(ray_local):
     class Worker:
         def load(self) -> str:
             raise ConfigError("model.path='x.pt' is not a saved TorchModel")
