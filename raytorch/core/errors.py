@@ -160,7 +160,9 @@ def find_raytorch_error(exc: BaseException) -> RaytorchError | None:
 
     Ray wraps a worker's exception (``RayTaskError``, Ray Data's ``UserCodeException``, Ray
     Train's ``WorkerGroupError`` with ``worker_failures``); their ``cause``, ``__cause__``,
-    ``__context__`` and ``worker_failures`` lead back to what the worker raised.
+    ``__context__`` and ``worker_failures`` lead back to what the worker raised. A Ray task's
+    error reaches the driver as a class of Ray's that subclasses the original's class (so it is
+    a raytorch error itself), with Ray's traceback as its message: the original is returned.
     """
     seen: set[int] = set()
     todo: list[Any] = [exc]
@@ -170,6 +172,9 @@ def find_raytorch_error(exc: BaseException) -> RaytorchError | None:
             continue
         seen.add(id(err))
         if isinstance(err, RaytorchError):
+            original = getattr(err, "cause", None)
+            if isinstance(original, RaytorchError) and isinstance(err, type(original)):
+                return original  # Ray's copy of it (RayTaskError.as_instanceof_cause)
             return err
         failures = getattr(err, "worker_failures", None)
         if isinstance(failures, dict):

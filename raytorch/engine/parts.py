@@ -230,12 +230,27 @@ def plan_table(table: pa.Table, unit_rows: int) -> SourcePlan:
 
 
 def read_unit(unit: Unit, columns: list[str], batch_size: int) -> Iterator[pa.Table]:
-    """Stream one parquet unit's rows in batches of at most ``batch_size`` rows."""
+    """Stream one parquet unit's rows in batches of at most ``batch_size`` rows.
+
+    Raises:
+        DataError: the unit's row groups cannot be read, naming the file and the row groups (a
+            footer that reads well says nothing of the pages after it).
+    """
     fs, path = resolve(unit.path)
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        for rb in pf.iter_batches(batch_size, row_groups=list(unit.row_groups), columns=columns):
-            yield pa.Table.from_batches([rb])
+    try:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            for rb in pf.iter_batches(
+                batch_size, row_groups=list(unit.row_groups), columns=columns
+            ):
+                yield pa.Table.from_batches([rb])
+    except (pa.ArrowInvalid, OSError) as exc:
+        reason = " ".join(str(exc).split())  # Arrow's messages run over several lines
+        raise DataError(
+            f"data: reading row group(s) {list(unit.row_groups)} of {unit.path} failed ({reason}); "
+            "the file is truncated or corrupt (write it again, or move it out of the input), or "
+            "its storage could not be reached (run again: committed units are kept)"
+        ) from exc
 
 
 class _AtomicFile:

@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from raytorch.cluster.inference import predict
-from raytorch.core.errors import ColumnError, JobMismatchError, PoolError, ResourceError, RowError
+from raytorch.core.errors import (
+    ColumnError,
+    DataError,
+    JobMismatchError,
+    PoolError,
+    ResourceError,
+    RowError,
+)
 from raytorch.core.resources import plan_pool
 from raytorch.engine import arrow as _arrow
 from raytorch.engine.model import TorchModel
@@ -258,6 +265,25 @@ def test_crash_then_resume_writes_each_row_once(ray_local, parquet_dir, tmp_path
     assert again.units_skipped == 12 and again.rows_read == 1200
     with pytest.raises(JobMismatchError, match=r"carry_columns: \[\] -> \['k'\]"):
         predict(_model(str(marker)), folder, out, carry_columns=["k"], **args)
+
+
+def test_a_corrupt_row_group_fails_naming_the_file_and_never_marks_the_output_done(
+    ray_local, tmp_path
+):
+    """The footer reads well (planning passes); the page of the second row group does not."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = folder / "f.parquet"
+    table = pa.table({"x": _fsl(_features(400, 0))})
+    pq.write_table(table, path, row_group_size=100, compression="NONE")
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 20] = b"\xff" * 20  # the page header
+    path.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"row group\(s\) \[1\] of .*f\.parquet failed.*corrupt"):
+        predict(_model(), folder, out, key="x", unit_rows=100, concurrency=1)
+    assert not (out / "_SUCCESS").exists() and not (out / "_manifest.json").exists()
 
 
 def test_missing_key_column_names_the_columns_there_are(ray_local, tmp_path):
