@@ -123,11 +123,9 @@ class JobFileError(UserError, ValueError):
 # -- run failures
 
 
-class TrainingError(RunError, RuntimeError):
-    """A worker's set-up, step or validation failed; the message names rank, phase and iteration.
-
-    The original exception is the ``__cause__``, also after Ray ships this error to the driver
-    (pickling drops ``__cause__``, so it travels as an argument).
+class _FailedWith(RunError, RuntimeError):
+    """A run failed with ``cause``: the original exception is the ``__cause__``, also after Ray
+    ships this error to the driver (pickling drops ``__cause__``, so it travels as an argument).
     """
 
     def __init__(self, message: str, cause: BaseException | None = None) -> None:
@@ -138,6 +136,14 @@ class TrainingError(RunError, RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.cause))
+
+
+class TrainingError(_FailedWith):
+    """A worker's set-up, step or validation failed; the message names rank, phase and iteration."""
+
+
+class InferenceError(_FailedWith):
+    """The model failed on a batch of a predict; the message names the batch's row ids."""
 
 
 class ReconciliationError(RunError, RuntimeError):

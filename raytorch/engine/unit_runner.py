@@ -15,7 +15,13 @@ import torch
 if TYPE_CHECKING:
     from raytorch.engine.model import TorchModel
 
-from raytorch.core.errors import ColumnError, ReconciliationError, RowError
+from raytorch.core.errors import (
+    ColumnError,
+    InferenceError,
+    RaytorchError,
+    ReconciliationError,
+    RowError,
+)
 from raytorch.core.pytree import tree_map
 from raytorch.engine import arrow as _arrow
 from raytorch.engine import parts as _parts
@@ -302,6 +308,17 @@ class _Runner:
                 pos.append(j)
         return pa.array(take, pa.int64()), flat, pos
 
+    def _failure(self, exc: Exception, unit: Unit, ids: pa.Array) -> InferenceError:
+        """The model's (or its pre/postprocess's) error on one batch, naming the batch's rows."""
+        column = self.id_column or ID_COLUMN
+        where = f"unit {unit.id}" + (f" of {unit.path}" if unit.path else "")
+        rows = f"{column}={ids[0].as_py()!r}..{ids[-1].as_py()!r}" if len(ids) else "no rows"
+        return InferenceError(
+            f"the model failed on the batch of rows {rows} ({len(ids)} rows, {where}): "
+            f"{type(exc).__name__}: {exc}",
+            exc,
+        )
+
     def run_unit(self, unit: Unit, batches: Iterator[pa.Table]) -> dict[str, Any]:
         """Process a unit's batches, commit its parts and record; return the record."""
         name = f"part-{unit.id}.parquet"
@@ -310,7 +327,12 @@ class _Runner:
         read = done = 0
         for table in batches:
             ids = self._ids(table, unit.start + read)
-            out, rejected, n_ok = self.predict_table(table, ids)
+            try:
+                out, rejected, n_ok = self.predict_table(table, ids)
+            except RaytorchError:
+                raise  # raytorch's own errors name their row, column or value already
+            except Exception as exc:
+                raise self._failure(exc, unit, ids) from exc
             data.write(out)
             errors.write(rejected)
             read += table.num_rows

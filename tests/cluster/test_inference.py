@@ -17,6 +17,7 @@ from raytorch.cluster.inference import predict
 from raytorch.core.errors import (
     ColumnError,
     DataError,
+    InferenceError,
     JobMismatchError,
     PoolError,
     ResourceError,
@@ -284,6 +285,18 @@ def test_a_corrupt_row_group_fails_naming_the_file_and_never_marks_the_output_do
     with pytest.raises(DataError, match=r"row group\(s\) \[1\] of .*f\.parquet failed.*corrupt"):
         predict(_model(), folder, out, key="x", unit_rows=100, concurrency=1)
     assert not (out / "_SUCCESS").exists() and not (out / "_manifest.json").exists()
+
+
+def test_a_model_that_fails_on_a_batch_names_its_rows_and_keeps_the_cause(ray_local, tmp_path):
+    table = pa.table({"x": _fsl(np.ones((300, 5), dtype=np.float32))})  # the model takes 4
+    model = TorchModel("wrong-width", object=torch.nn.Linear(4, 2), preferred_devices=("cpu",))
+    out = tmp_path / "out"
+    with pytest.raises(
+        InferenceError, match=r"rows _id=0\.\.99 \(100 rows, unit .*\): RuntimeError"
+    ) as failed:
+        predict(model, table, out, key="x", batch_size=100, unit_rows=100, concurrency=1)
+    assert isinstance(failed.value.__cause__, RuntimeError)  # torch's own, for a traceback
+    assert not (out / "_SUCCESS").exists()
 
 
 def test_missing_key_column_names_the_columns_there_are(ray_local, tmp_path):
