@@ -122,11 +122,14 @@ def main() -> None:
             workers=result.workers,
         )
 
-        # 3. The same on the two nodes left: the group cannot be placed again.
+        # 3. The same on the two nodes left: the group cannot be placed again. Each placement
+        # wait (two, with max_failures=1) outlasts half the GCS's detection of a removed node
+        # (health checks, 3 s x 5 by default): the failure message counts the nodes alive then,
+        # and with 5 s waits it could still count the removed one.
         removed = {}
         _remove_when(cluster, _checkpointed(tmp / "runs" / "gone"), "RayTrainWorker", removed)
         try:
-            small_trainer(tmp, "gone", run_name="gone", worker_start_timeout_s=5, **over).fit(
+            small_trainer(tmp, "gone", run_name="gone", worker_start_timeout_s=12, **over).fit(
                 flaky_model(step_s=STEP_S), train, valid
             )
             _stop(removed)
