@@ -210,7 +210,7 @@ class _SlowCollate:
         self.seconds, self.dim = seconds, dim
 
     def __call__(self, table: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        from raytorch.engine.arrow import column_to_numpy
+        from raytorch.engine.io import column_to_numpy
 
         time.sleep(self.seconds)
         x = column_to_numpy(table.column("x"), "x").reshape(-1, self.dim)
@@ -344,7 +344,7 @@ class Bench:
     def prefetch(self) -> list[Row]:
         import ray.data
 
-        from raytorch.engine.arrow import to_table
+        from raytorch.engine.io import to_table
 
         # Steps of tens of ms: Ray Data's own per-batch cost (a few ms) is then not the bound.
         spec = SCALING

@@ -22,9 +22,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from raytorch.core.devices import DeviceChoice, choose_device
     from raytorch.core.metrics import Metric
     from raytorch.core.stopping import EarlyStopping, StopReason
-    from raytorch.engine.decorator import BasicDataset, torchmodel
-    from raytorch.engine.model import TorchModel
-    from raytorch.engine.runs import TrainingResult
+    from raytorch.engine.model import BasicDataset, TorchModel, torchmodel
+    from raytorch.engine.tracking import TrainingResult
 
 __version__ = "0.1.0"
 
@@ -35,13 +34,13 @@ _LAZY = {
     "DeviceChoice": "raytorch.core.devices",
     "choose_device": "raytorch.core.devices",
     "TorchModel": "raytorch.engine.model",
-    "torchmodel": "raytorch.engine.decorator",
-    "BasicDataset": "raytorch.engine.decorator",
+    "torchmodel": "raytorch.engine.model",
+    "BasicDataset": "raytorch.engine.model",
     "EarlyStopping": "raytorch.core.stopping",
     "StopReason": "raytorch.core.stopping",
     "Metric": "raytorch.core.metrics",
     "TorchTrainer": "raytorch.cluster.trainer",
-    "TrainingResult": "raytorch.engine.runs",
+    "TrainingResult": "raytorch.engine.tracking",
     "evaluate": "raytorch.cluster.trainer",
     "predict": "raytorch.cluster.inference",
     "PredictSummary": "raytorch.cluster.inference",

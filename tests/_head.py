@@ -58,7 +58,7 @@ class Head:
             f"--ray-client-server-port={_free_port()}",
             f"--dashboard-agent-listen-port={_free_port()}",
         ]  # fmt: skip
-        # A submitted job's relative storage_path goes here (raytorch.engine.fs.lasting_path).
+        # A submitted job's relative storage_path goes here (raytorch.engine.io.fs.lasting_path).
         self.storage = self.temp_dir / "lasting"
         env = _env(RAYTORCH_STORAGE_PATH=str(self.storage))
         with self.log.open("wb") as log:

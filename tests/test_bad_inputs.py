@@ -20,9 +20,8 @@ import torch
 
 from raytorch.cluster.trainer import TorchTrainer
 from raytorch.core.config import TrainerConfig
-from raytorch.core.errors import DataError, ResourceError, TrainingError
-from raytorch.engine.context import InProcessContext
-from raytorch.engine.loop import run_loop
+from raytorch.core.errors import ConfigError, DataError, ResourceError, TrainingError
+from raytorch.engine.train import InProcessContext, run_loop
 from tests._flaky import flaky_model
 
 
@@ -173,7 +172,8 @@ def test_objective_returning_a_non_scalar_is_named():
     cfg = _loop_cfg(objective="torch.nn.functional:l1_loss")  # placeholder, replaced below
     cfg = cfg.model_copy(update={"objective": lambda out, y: (out - out).sum(dim=1)})
     ctx = InProcessContext(_batches(), _batches(2))
-    with pytest.raises(TrainingError, match=r"iteration 0 \(validation\).*the objective returned "
+    # Bad input found inside the worker is the user's to fix: a ConfigError (exit 2).
+    with pytest.raises(ConfigError, match=r"iteration 0 \(validation\).*the objective returned "
                        r"a tensor of shape \[8\], not a scalar tensor"):  # fmt: skip
         run_loop(flaky_model(), cfg, ctx, seed=0)
 

@@ -38,6 +38,8 @@ def tree_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ROOT / "raytorch", tree / "raytorch", ignore=shutil.ignore_patterns("__pycache__")
     )
     shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
+    (tree / "tests").mkdir()
+    shutil.copy(ROOT / "tests" / "house_rules.py", tree / "tests" / "house_rules.py")
     return tree
 
 
@@ -50,7 +52,7 @@ def test_the_layers_contract_holds() -> None:
     ("module", "upward"),
     [
         ("core/batching.py", "import raytorch.engine.model"),
-        ("engine/loop.py", "import raytorch.cluster.session"),
+        ("engine/train/loop.py", "import raytorch.cluster.session"),
         ("cluster/session.py", "import raytorch.jobs.cli"),
         ("core/stopping.py", "import ray"),
     ],
@@ -67,6 +69,46 @@ def test_a_lower_layer_importing_a_higher_one_fails_lint(
         path.write_text(original)
     assert result.returncode != 0
     assert "BROKEN" in result.stdout or "broken" in result.stdout.lower()
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "named"),
+    [
+        # An underscore name of another package.
+        (
+            "cluster/trainer.py",
+            "from raytorch.engine.tracking.directory import _write_history",
+            "_write_history",
+        ),
+        # A public name that the package's face does not declare.
+        ("cluster/launcher.py", "from raytorch.engine.train.loop import Loop", "'Loop'"),
+        ("jobs/run.py", "from raytorch.cluster.worker import RayContext", "'RayContext'"),
+    ],
+)  # fmt: skip
+def test_a_name_crossing_a_package_boundary_outside_its_face_fails_lint(
+    tree_copy: Path, module: str, line: str, named: str
+) -> None:
+    path = tree_copy / "raytorch" / module
+    original = path.read_text()
+    path.write_text(original + f"\n{line}  # across a boundary, on purpose\n")
+    try:
+        result = _lint(tree_copy)
+    finally:
+        path.write_text(original)
+    assert result.returncode != 0
+    assert "faces" in result.stdout and "BROKEN" in result.stdout
+    assert named in result.stdout and module.replace("/", ".").removesuffix(".py") in result.stdout
+
+
+def test_every_face_declares_names_its_package_defines() -> None:
+    """A face's names resolve, to the objects their modules define."""
+    import importlib
+
+    for package in ("core", "engine.io", "engine.model", "engine.train", "engine.tracking",
+                    "engine.infer", "cluster", "jobs"):  # fmt: skip
+        face = importlib.import_module(f"raytorch.{package}")
+        missing = [name for name in face.__all__ if getattr(face, name, None) is None]
+        assert missing == [], (package, missing)
 
 
 def test_private_ray_apis_are_used_only_in_compat() -> None:

@@ -29,11 +29,8 @@ from raytorch.core.errors import (
 )
 from raytorch.core.references import import_checked
 from raytorch.core.stopping import EarlyStopping, Mode, StopReason, default_mode
-from raytorch.engine.checkpoints import latest_checkpoint, load_resume
-from raytorch.engine.context import InProcessContext
-from raytorch.engine.loop import run_loop
-from raytorch.engine.model import TorchModel
-from raytorch.engine.unit_runner import code_identity
+from raytorch.engine.model import TorchModel, code_identity
+from raytorch.engine.train import InProcessContext, latest_checkpoint, load_resume, run_loop
 
 # -- loading never runs code it did not ask for
 
@@ -199,7 +196,7 @@ def test_outputs_and_targets_that_would_broadcast_are_refused(objective):
 
 
 def test_a_non_finite_loss_stops_with_its_reason_not_as_completed():
-    from raytorch.engine.runs import RunStatus, status_of
+    from raytorch.engine.tracking import RunStatus, status_of
 
     cfg = _cfg(optimizer_kwargs={"lr": 1e30}, max_iterations=20)
     model = TorchModel(
@@ -313,16 +310,16 @@ def test_code_identity_sees_constants_and_closures():
 
 
 def test_input_fingerprint_changes_when_values_change(tmp_path):
-    from raytorch.engine.parts import plan_parquet, plan_table
+    from raytorch.engine.io import open_source
 
     path = tmp_path / "a.parquet"
     pq.write_table(pa.table({"x": [1.0, 2.0, 3.0]}), path)
-    first = plan_parquet([str(path)], 10).fingerprint
+    first = open_source(str(path)).fingerprint
     os.utime(path, ns=(1, 1))  # same size, same shape: only the values and mtime differ
     pq.write_table(pa.table({"x": [1.0, 2.0, 4.0]}), path)
-    assert plan_parquet([str(path)], 10).fingerprint != first
-    a = plan_table(pa.table({"x": [1.0, 2.0]}), 10).fingerprint
-    assert plan_table(pa.table({"x": [1.0, 5.0]}), 10).fingerprint != a
+    assert open_source(str(path)).fingerprint != first
+    a = open_source(pa.table({"x": [1.0, 2.0]})).fingerprint
+    assert open_source(pa.table({"x": [1.0, 5.0]})).fingerprint != a
 
 
 @pytest.mark.parametrize(
@@ -333,7 +330,7 @@ def test_input_fingerprint_changes_when_values_change(tmp_path):
     ],
 )
 def test_every_input_file_is_checked_and_named(tmp_path, files, match):
-    from raytorch.engine.parts import list_parquet, plan_parquet
+    from raytorch.engine.io import open_source
 
     for name, content in files.items():
         if content == "good":
@@ -343,11 +340,11 @@ def test_every_input_file_is_checked_and_named(tmp_path, files, match):
         else:
             (tmp_path / name).write_bytes(content)
     with pytest.raises(DataError, match=match):
-        plan_parquet(list_parquet(str(tmp_path)), 10)
+        open_source(str(tmp_path))
 
 
 def test_non_parquet_files_in_an_input_folder_are_skipped(tmp_path):
-    from raytorch.engine.parts import list_parquet
+    from raytorch.engine.io import list_parquet
 
     pq.write_table(pa.table({"x": [1.0]}), tmp_path / "a.parquet")
     (tmp_path / "_SUCCESS").write_text("")
@@ -537,11 +534,11 @@ def test_a_ragged_arrow_table_with_a_collate_fn_is_accepted():
         identifier="t", key=("x", "y"), objective="mse", max_iterations=1, collate_fn=pad
     )
     model = TorchModel("m", object=torch.nn.Linear(3, 1))
-    train, valid = trainer._datasets(model, ragged, ragged, 0)
-    assert train.num_rows == 3 and valid.num_rows == 3
+    sources = trainer._sources(model, ragged, ragged)
+    assert sources.train.num_rows == 3 and sources.valid.num_rows == 3
     plain = TorchTrainer(identifier="t", key=("x", "y"), objective="mse", max_iterations=1)
     with pytest.raises(DataError, match=r"column 'x' holds lists of different lengths"):
-        plain._datasets(model, ragged, ragged, 0)
+        plain._sources(model, ragged, ragged)
 
 
 def test_the_progress_sink_outlives_a_fit(ray_local):

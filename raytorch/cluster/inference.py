@@ -11,15 +11,18 @@ a Ray Data actor pool runs it block by block, with the same runner.
 Why the actors write parts themselves instead of ``Dataset.write_parquet``: Ray Data's writer
 cannot resume and has reported silent row loss; a part per unit, committed by rename and recorded
 last, is what lets a re-run skip finished units, write each row exactly once, and reconcile counts.
+
+The steps: plan (model, source, units, the job's fingerprint: no Ray) -> validate (columns, ids,
+output) -> execute (the pool, on Ray) -> finalize (counts reconciled, manifest, ``_SUCCESS``).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
@@ -29,68 +32,54 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raytorch.cluster.compat import (
-    CONSTRUCTOR_ARGS_NOTICE,
-    drop_stderr_lines,
-    quiet_dataset,
-    quiet_ray_data,
-)
-from raytorch.cluster.session import check_schedulable, cluster_nodes, ensure_ray, ray_env
+from raytorch.cluster.compat import CONSTRUCTOR_ARGS_NOTICE, drop_stderr_lines, quiet_ray_data
+from raytorch.cluster.session import cluster_nodes, ensure_ray, ray_env
+from raytorch.cluster.sources import quiet_input
 from raytorch.cluster.unit_pool import UnitPool
 from raytorch.core.errors import (
     ColumnError,
-    ConfigError,
-    DataError,
     JobMismatchError,
-    OutputError,
-    PoolError,
     RaytorchError,
-    ReconciliationError,
     RowError,
+    RunError,
     find_raytorch_error,
 )
 from raytorch.core.live import PredictDisplay
+from raytorch.core.predict_config import (
+    DEFAULT_UNIT_ROWS,
+    Key,
+    PredictConfig,
+    plan_actor_pool,
+)
 from raytorch.core.progress import show_progress
-from raytorch.core.resources import PoolPlan, compute_problems, plan_pool, task_options
-from raytorch.engine import parts as _parts
-from raytorch.engine.fs import check_stores
-from raytorch.engine.parts import OutputLayout, SourcePlan, Unit
-from raytorch.engine.predict_report import (
+from raytorch.core.resources import PoolPlan
+from raytorch.core.source import Source, SourceKind
+from raytorch.core.units import Unit, plan_units
+from raytorch.engine.infer import (
+    OutputLayout,
     PredictProgress,
     PredictSummary,
-    _reconcile,
-    _summary,
-    _Tracker,
+    ProgressTracker,
+    UnitRunner,
+    build_summary,
+    check_columns,
     progress_line,
+    reconcile,
+    unit_batches,
 )
-from raytorch.engine.unit_runner import (
-    ID_COLUMN,
-    Key,
-    _check_columns,
-    _key_columns,
-    _model_fingerprint,
-    _Runner,
-)
+from raytorch.engine.io import check_stores, open_source, read_column
+from raytorch.engine.model import model_fingerprint
 
 if TYPE_CHECKING:
     from raytorch.engine.model import TorchModel
 
 logger = logging.getLogger("raytorch")
-# Units of at least this many rows: large enough that per-unit costs (open, footer, commit) vanish,
-# small enough for resume granularity and progress.
-DEFAULT_UNIT_ROWS = 131_072
 
-__all__ = [
-    "ColumnError",
-    "JobMismatchError",
-    "PoolError",
-    "PredictProgress",
-    "PredictSummary",
-    "ReconciliationError",
-    "RowError",
-    "plan_pool",
-    "predict",
-]
+__all__ = ["DEFAULT_UNIT_ROWS", "PredictProgress", "PredictSummary", "predict", "predict_with"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The actors
 
 
 class _Loaded:
@@ -106,17 +95,12 @@ class _Loaded:
         model = ray.get(model_box[0])
         self.batch_size = options.pop("batch_size")
         self.table: pa.Table | None = ray.get(table_box[0]) if table_box else None
-        self.runner = _Runner(model, **options)
+        self.runner = UnitRunner(model, **options)
         self.runner.node = ray.get_runtime_context().get_node_id()
 
     def batches(self, unit: Unit) -> Iterator[pa.Table]:
         """The unit's rows, ``batch_size`` at a time."""
-        if self.table is not None:
-            part = self.table.slice(unit.start, unit.num_rows)
-            for rb in part.to_batches(max_chunksize=self.batch_size):
-                yield pa.Table.from_batches([rb])
-        else:
-            yield from _parts.read_unit(unit, self.runner.columns, self.batch_size)
+        return unit_batches(unit, self.runner.columns, self.batch_size, self.table)
 
 
 class _UnitActor:
@@ -157,20 +141,56 @@ class _BlockWorker:
             record = self.loaded.runner.run_unit(unit, tables)
         except RaytorchError as exc:
             # Ray Data would wrap it in a UserCodeException that reaches the driver without the
-            # original; a record naming the class lets the driver raise raytorch's own error.
-            error = {"error": type(exc).__name__, "message": str(exc)}
-            return pa.table({"record": [json.dumps(error)]})
+            # original: the error itself travels in the record, pickled (class, message, cause).
+            from ray import cloudpickle
+
+            error = base64.b64encode(cloudpickle.dumps(exc)).decode()
+            return pa.table({"record": [json.dumps({"error": error})]})
         return pa.table({"record": [json.dumps(record)]})
 
 
 def _raise_worker_error(record: Mapping[str, Any]) -> None:
-    """Raise the raytorch error an actor reported (its class is checked to be one of ours)."""
-    from raytorch.core import errors
+    """Raise the raytorch error an actor reported in its record (checked to be one of ours)."""
+    from ray import cloudpickle
 
-    cls = getattr(errors, str(record["error"]), None)
-    if not (isinstance(cls, type) and issubclass(cls, RaytorchError)) or cls is errors.JobFileError:
-        cls = errors.RunError
-    raise cls(str(record["message"]))
+    try:
+        error = cloudpickle.loads(base64.b64decode(str(record["error"])))
+    except Exception as exc:
+        raise RunError(f"an inference actor failed; its error could not be read: {exc}") from exc
+    if not isinstance(error, RaytorchError):
+        raise RunError(f"an inference actor failed: {error!r}")
+    raise error
+
+
+# ---------------------------------------------------------------------------------------------
+# plan -> validate -> execute -> finalize
+
+
+@dataclass
+class _Plan:
+    """Everything ``predict`` decided on the driver before any Ray work."""
+
+    model: TorchModel
+    source: Source
+    units: list[Unit] | None  # None: a dataset's blocks, not known in advance
+    layout: OutputLayout
+    job: dict[str, Any]
+    config: PredictConfig
+    flatten: bool
+
+    def runner_options(self) -> dict[str, Any]:
+        """The keyword arguments of every actor's :class:`UnitRunner`."""
+        config = self.config
+        return {
+            "key": config.key,
+            "id_column": config.id_column,
+            "carry_columns": list(config.carry_columns),
+            "flatten": self.flatten,
+            "prediction_column": config.prediction_column,
+            "strict": config.strict,
+            "output": self.layout.uri,
+            "errors_output": self.layout.errors_uri,
+        }
 
 
 def _resolve_model(model: TorchModel | str | os.PathLike[str]) -> TorchModel:
@@ -182,121 +202,44 @@ def _resolve_model(model: TorchModel | str | os.PathLike[str]) -> TorchModel:
     return model
 
 
-def _plan_source(data: Any, unit_rows: int) -> tuple[str, SourcePlan | None, Any]:
-    """Return (mode, plan, dataset): mode is 'parquet', 'table' or 'dataset'."""
-    if isinstance(data, pa.Table):
-        return "table", _parts.plan_table(data, unit_rows), None
-    # A Dataset's module is loaded already; importing Ray Data only to ask costs 0.5 s.
-    ray_data = sys.modules.get("ray.data")
-    if ray_data is not None and isinstance(data, ray_data.Dataset):
-        return "dataset", None, quiet_dataset(data)
-    if isinstance(data, (str, os.PathLike)) or (
-        isinstance(data, (list, tuple)) and all(isinstance(d, (str, os.PathLike)) for d in data)
-    ):
-        return "parquet", _parts.plan_parquet(_parts.list_parquet(data), unit_rows), None
-    raise DataError(
-        f"data of type {type(data).__name__} is not supported; pass a parquet file, folder or URI "
-        "(or a list of them), a pyarrow.Table or a ray.data.Dataset"
-    )
-
-
-@dataclass
-class _Plan:
-    """Everything ``predict`` decided on the driver before any Ray work."""
-
-    model: TorchModel
-    mode: str  # 'parquet', 'table' or 'dataset'
-    source: SourcePlan | None
-    dataset: Any
-    data: Any
-    layout: OutputLayout
-    job: dict[str, Any]
-    options: dict[str, Any]  # for the actors' unit runner
-    compute: dict[str, Any]  # Ray options per actor, before pool planning
-    concurrency: int | None
-    num_threads: int | None
-    batch_size: int
-    unit_rows: int
-
-
-def _plan(model: Any, data: Any, output: Any, opts: dict[str, Any]) -> _Plan:
+def _plan(model: Any, data: Any, output: Any, config: PredictConfig) -> _Plan:
     """Resolve the model and the input, name every unit and the job's fingerprint (no Ray)."""
-    if not isinstance(opts["batch_size"], int) or opts["batch_size"] < 1:
-        raise ConfigError(f"batch_size={opts['batch_size']!r} must be an integer >= 1")
-    check_stores(model=model, data=data, output=output, errors_output=opts["errors_output"])
+    check_stores(model=model, data=data, output=output, errors_output=config.errors_output)
     torch_model = _resolve_model(model)
-    flatten = opts["flatten"]
+    flatten = config.flatten
     flatten = bool(getattr(torch_model, "flatten", False)) if flatten is None else flatten
-    mode, source, dataset = _plan_source(data, opts["unit_rows"])
-    key, id_column, carry = opts["key"], opts["id_column"], list(opts["carry_columns"])
-    layout = OutputLayout(output, opts["errors_output"])
+    source = open_source(quiet_input(data), "data")
+    units = None if source.kind is SourceKind.DATASET else plan_units(source, config.unit_rows)
+    layout = OutputLayout(output, config.errors_output)
+    key = config.key
     job = {
-        "model": _model_fingerprint(torch_model),
-        "input": source.fingerprint if source is not None else "ray.data.Dataset",
-        "key": key
-        if isinstance(key, str)
-        else (dict(key) if isinstance(key, Mapping) else list(key)),
-        "id_column": id_column,
-        "carry_columns": carry,
+        "model": model_fingerprint(torch_model),
+        "input": source.fingerprint or "ray.data.Dataset",
+        "key": key if isinstance(key, str) else (dict(key) if isinstance(key, dict) else list(key)),
+        "id_column": config.id_column,
+        "carry_columns": list(config.carry_columns),
         "flatten": flatten,
-        "prediction_column": opts["prediction_column"],
-        "unit_rows": opts["unit_rows"],
+        "prediction_column": config.prediction_column,
+        "unit_rows": config.unit_rows,
         "errors_output": layout.errors_uri,
     }
-    compute = task_options(torch_model.compute_kwargs or {})
-    given = opts["compute_kwargs"] or {}
-    problems = compute_problems(given)
-    if "num_workers" in given:
-        problems.append("compute_kwargs['num_workers'] is a training setting; use concurrency=")
-    if problems:
-        raise PoolError("; ".join(problems))
-    compute.update(task_options(given))
-    runner = {
-        "key": key,
-        "id_column": id_column,
-        "carry_columns": carry,
-        "flatten": flatten,
-        "prediction_column": opts["prediction_column"],
-        "strict": opts["strict"],
-        "output": layout.uri,
-        "errors_output": layout.errors_uri,
-    }
-    return _Plan(
-        torch_model,
-        mode,
-        source,
-        dataset,
-        data,
-        layout,
-        job,
-        runner,
-        compute,
-        opts["concurrency"],
-        opts["num_threads"] or torch_model.num_threads,
-        opts["batch_size"],
-        opts["unit_rows"],
-    )
+    return _Plan(torch_model, source, units, layout, job, config, flatten)
 
 
 def _validate(plan: _Plan) -> None:
     """Columns, ids, output and errors output: every check that needs no Ray, before Ray starts."""
-    opts = plan.options
-    key, id_column, carry = opts["key"], opts["id_column"], opts["carry_columns"]
-    if plan.mode == "dataset" and not id_column:
+    config, source = plan.config, plan.source
+    dataset = source.kind is SourceKind.DATASET
+    if dataset and not config.id_column:
         raise ColumnError(
             "a ray.data.Dataset has no stable row order to number rows by; name an id column "
             "with id_column=..., or pass the parquet path or a pyarrow.Table"
         )
-    schema = plan.source.schema if plan.source is not None else plan.dataset.schema().base_schema
-    _check_columns(schema, key, id_column, carry)
-    prediction_column = opts["prediction_column"]
-    if prediction_column in carry or prediction_column in (id_column, ID_COLUMN):
-        raise OutputError(
-            f"prediction_column={prediction_column!r} clashes with the id or carry columns"
-        )
-    if id_column and plan.mode != "dataset":
-        _check_ids(plan, id_column)
-    if plan.mode == "dataset" and plan.layout.has_job():
+    schema = source.schema if not dataset else source.dataset.schema().base_schema
+    check_columns(schema, config.key, config.id_column, config.carry_columns)
+    if config.id_column and not dataset:
+        _check_ids(source, config.id_column)
+    if dataset and plan.layout.has_job():
         raise JobMismatchError(
             f"output={plan.layout.uri!r} already holds a job, and a ray.data.Dataset input cannot "
             "be checked against it or resumed (it has no stable units); write to a new output, "
@@ -304,13 +247,12 @@ def _validate(plan: _Plan) -> None:
         )
 
 
-def _check_ids(plan: _Plan, id_column: str) -> None:
+def _check_ids(source: Source, id_column: str) -> None:
     """A named id column must hold one distinct, non-null value per row (they identify rows)."""
-    if plan.mode == "table":
-        ids = plan.data.column(id_column)
+    if source.kind is SourceKind.TABLE:
+        ids = source.table.column(id_column)
     else:
-        assert plan.source is not None
-        ids = _parts.read_column([u.path for u in plan.source.units], id_column)
+        ids = read_column(source, id_column)
     if ids.null_count:
         raise RowError(
             f"id_column={id_column!r} has {ids.null_count} null value(s); every row needs an id "
@@ -338,72 +280,64 @@ def _resume_state(plan: _Plan) -> tuple[dict[str, dict[str, Any]], list[Unit] | 
         logger.info("removed parts of units that never committed; they will be redone")
     if records:
         logger.info("resuming %s: %d unit(s) already committed", layout.uri, len(records))
-    units = plan.source.units if plan.source is not None else None
-    todo = [u for u in units if u.id not in records] if units is not None else None
+    todo = [u for u in plan.units if u.id not in records] if plan.units is not None else None
     return records, todo
 
 
-def _pool(plan: _Plan, todo: list[Unit] | None) -> tuple[PoolPlan, dict[str, Any]]:
+def _pool(plan: _Plan, todo: list[Unit] | None) -> PoolPlan:
     """The actor pool for this cluster, checked against it (after Ray is up)."""
-    nodes = cluster_nodes()
-    pool = plan_pool(
-        cluster_cpus=sum(n.get("CPU", 0.0) for n in nodes),
-        cluster_gpus=sum(n.get("GPU", 0.0) for n in nodes),
-        node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=1.0),
-        concurrency=plan.concurrency,
-        compute_kwargs=plan.compute,
+    pool = plan_actor_pool(
+        plan.config,
+        cluster_nodes(),
+        plan.model.compute_kwargs,
         units=len(todo) if todo is not None else None,
-        num_threads=plan.num_threads,
     )
     logger.info("inference pool: %s", pool.reason)
-    actor = {**plan.compute, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
-    check_schedulable(actor, field="compute_kwargs")
-    return pool, actor
+    return pool
 
 
 def _actor_args(plan: _Plan, pool: PoolPlan) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """The arguments of every actor: the model (and a table input) in the object store."""
     import ray
 
-    options = {**plan.options, "threads": pool.threads, "batch_size": plan.batch_size}
+    options = {
+        **plan.runner_options(),
+        "threads": pool.threads,
+        "batch_size": plan.config.batch_size,
+    }
     # The model goes to the object store once, on CPU so CPU-only actors can unpickle it (a saved
     # model too: its path may not exist on other nodes). Boxed in a list so Ray hands the actor
     # the reference, not a copy per actor argument.
-    model_box = [ray.put(plan.model._shippable())]
-    table_box = [ray.put(plan.data)] if plan.mode == "table" else []
+    model_box = [ray.put(plan.model.for_shipping())]
+    table_box = [ray.put(plan.source.table)] if plan.source.kind is SourceKind.TABLE else []
     return model_box, table_box, options
 
 
 def _unit_records(
-    plan: _Plan, pool: PoolPlan, actor: dict[str, Any], todo: list[Unit]
+    plan: _Plan, pool: PoolPlan, todo: list[Unit]
 ) -> Generator[dict[str, Any], None, None]:
     """Parquet and table inputs: raytorch's own actor pool runs the units left."""
     import ray
 
     # SPREAD, as Ray Data places its actors: a pool over several nodes uses all of them.
-    cls = ray.remote(_UnitActor).options(**actor, max_restarts=0, scheduling_strategy="SPREAD")
-    describe = ", ".join(f"{k}={v}" for k, v in actor.items())
+    cls = ray.remote(_UnitActor).options(**pool.actor, max_restarts=0, scheduling_strategy="SPREAD")
+    describe = ", ".join(f"{k}={v}" for k, v in pool.actor.items())
     return UnitPool(cls, _actor_args(plan, pool), pool.size, describe).run(todo)
 
 
-def _block_records(
-    plan: _Plan, pool: PoolPlan, actor: dict[str, Any]
-) -> Generator[dict[str, Any], None, None]:
+def _block_records(plan: _Plan, pool: PoolPlan) -> Generator[dict[str, Any], None, None]:
     """A ``ray.data.Dataset`` input: a Ray Data actor pool over its blocks."""
     import ray.data
 
     options = _actor_args(plan, pool)
-    columns = [
-        *_key_columns(plan.options["key"]),
-        *plan.options["carry_columns"],
-        plan.options["id_column"],
-    ]
-    source = plan.dataset.select_columns(list(dict.fromkeys(columns)))
-    extra = {k: v for k, v in actor.items() if k in ("memory", "resources", "accelerator_type")}
+    source = plan.source.dataset.select_columns(plan.config.columns)
+    extra = {
+        k: v for k, v in pool.actor.items() if k in ("memory", "resources", "accelerator_type")
+    }
     rows = source.map_batches(
         _BlockWorker,
         fn_constructor_args=options,
-        batch_size=plan.unit_rows,
+        batch_size=plan.config.unit_rows,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.size),
         num_cpus=pool.num_cpus,
@@ -423,24 +357,19 @@ def _execute(
     records: dict[str, dict[str, Any]],
     todo: list[Unit] | None,
     progress: Callable[[PredictProgress], None] | None,
-    interval_s: float,
 ) -> tuple[float | None, int]:
     """Run the units left; return (seconds from the pool's start to the first committed unit,
     None when none committed; rows read by this run)."""
     started = time.monotonic()
-    pool, actor = _pool(plan, todo)
+    pool = _pool(plan, todo)
     rows_before = sum(r["rows_read"] for r in records.values())
-    units = plan.source.units if plan.source is not None else None
-    rows_total = plan.source.num_rows if plan.source is not None else None
-    tracker = _Tracker(rows_total, len(units) if units else None, rows_before)
+    rows_total = plan.source.num_rows
+    units_total = len(plan.units) if plan.units else None
+    tracker = ProgressTracker(rows_total, units_total, rows_before)
     startup: float | None = None
-    display = PredictDisplay(rows_total, interval_s)
+    display = PredictDisplay(rows_total, plan.config.progress_interval_s)
     try:
-        ran = (
-            _block_records(plan, pool, actor)
-            if todo is None
-            else _unit_records(plan, pool, actor, todo)
-        )
+        ran = _block_records(plan, pool) if todo is None else _unit_records(plan, pool, todo)
         # Closed at once on any error (a progress callback's too): the pool's actors stop then,
         # not when the traceback is collected.
         with contextlib.closing(ran):
@@ -463,8 +392,7 @@ def _execute(
 
 def _finalize(plan: _Plan, records: dict[str, dict[str, Any]]) -> None:
     """Reconcile the counts, then write the manifest and the success marker (last)."""
-    units = plan.source.units if plan.source is not None else None
-    _reconcile(plan.layout, units, records)
+    reconcile(plan.layout, plan.units, records)
     manifest = {
         "rows_read": sum(r["rows_read"] for r in records.values()),
         "units": [records[k] for k in sorted(records)],
@@ -504,8 +432,9 @@ def predict(
 
     Args:
         model: a ``TorchModel`` or the path of one saved with ``TorchModel.save``.
-        data: parquet file/folder/URI (or a list), a ``pyarrow.Table`` or a ``ray.data.Dataset``
-            (a Dataset needs ``id_column`` and cannot be resumed: it has no stable row order).
+        data: parquet file/folder/URI (or a list), a ``pyarrow.Table``, rows (a list of dicts, a
+            dict of arrays) or a ``ray.data.Dataset`` (a Dataset needs ``id_column`` and cannot
+            be resumed: it has no stable row order).
         output: folder or URI for ``part-*.parquet``, ``_manifest.json`` and ``_SUCCESS``.
         key: input column (``'x'``), columns for a ``'*args'`` preprocess (``['a', 'b']``), or
             ``{column: argument}`` for ``'**kwargs'``.
@@ -527,6 +456,7 @@ def predict(
         progress_interval_s: least seconds between progress log lines.
 
     Raises:
+        ConfigError: options that are not valid (every problem at once, each named).
         ColumnError: a named column is missing (the message lists the columns there are).
         DataError: a file that is not readable parquet, or whose schema differs from the others.
         RowError: null or duplicated ids; with ``strict=True``, the first bad row's id and reason.
@@ -534,30 +464,45 @@ def predict(
         JobMismatchError: ``output`` holds parts of a different job (other data or model).
         ReconciliationError: counts do not add up (the output is then not marked complete).
     """
+    config = PredictConfig.of(
+        {
+            "key": key,
+            "id_column": id_column,
+            "carry_columns": list(carry_columns),
+            "batch_size": batch_size,
+            "concurrency": concurrency,
+            "compute_kwargs": None if compute_kwargs is None else dict(compute_kwargs),
+            "strict": strict,
+            "errors_output": errors_output,
+            "flatten": flatten,
+            "prediction_column": prediction_column,
+            "unit_rows": unit_rows,
+            "num_threads": num_threads,
+            "progress_interval_s": progress_interval_s,
+        }
+    )
+    return predict_with(model, data, output, config, progress=progress)
+
+
+def predict_with(
+    model: TorchModel | str | os.PathLike[str],
+    data: Any,
+    output: str | os.PathLike[str],
+    config: PredictConfig,
+    progress: Callable[[PredictProgress], None] | None = None,
+) -> PredictSummary:
+    """:func:`predict` with its options as one validated :class:`PredictConfig` (what a job
+    file's ``predict:`` section is)."""
     show_progress()
     started = time.monotonic()
-    opts = {
-        "key": key,
-        "id_column": id_column,
-        "carry_columns": carry_columns,
-        "batch_size": batch_size,
-        "concurrency": concurrency,
-        "compute_kwargs": compute_kwargs,
-        "strict": strict,
-        "errors_output": errors_output,
-        "flatten": flatten,
-        "prediction_column": prediction_column,
-        "unit_rows": unit_rows,
-        "num_threads": num_threads,
-    }
-    plan = _plan(model, data, output, opts)
+    plan = _plan(model, data, output, config)
     _validate(plan)
     state = _resume_state(plan)
     if state is None:
         logger.info("output %s is already complete; nothing to do", plan.layout.uri)
         done = plan.layout.manifest() or {"units": []}
         recs = {p["unit"]: p for p in done["units"]}
-        return _summary(plan.layout, recs, len(recs), started, {}, 0)
+        return build_summary(plan.layout, recs, len(recs), started, {}, 0)
     records, todo = state
     skipped = len(records)
     rows_run, phases = 0, {"plan_s": time.monotonic() - started}
@@ -567,11 +512,11 @@ def predict(
             ensure_ray()
             phases["ray_s"] = time.monotonic() - ray_started
             with drop_stderr_lines(CONSTRUCTOR_ARGS_NOTICE):  # Ray's own, on every pool
-                pool_s, rows_run = _execute(plan, records, todo, progress, progress_interval_s)
+                pool_s, rows_run = _execute(plan, records, todo, progress)
             if pool_s is not None:
                 phases["pool_s"] = pool_s
     _finalize(plan, records)
-    summary = _summary(plan.layout, records, skipped, started, phases, rows_run)
+    summary = build_summary(plan.layout, records, skipped, started, phases, rows_run)
     logger.info(
         "predict done: %d rows read, %d written, %d rejected in %.1f s (%.0f rows/s) -> %s",
         summary.rows_read,

@@ -19,13 +19,14 @@ from typing import Any
 
 from raytorch.cluster.compat import train_start_timeout
 from raytorch.cluster.session import cluster_nodes, override_env, schedule_problem
-from raytorch.cluster.worker import ShardSpec, _ProgressSink, _task_main, _train_main
+from raytorch.cluster.worker import ProgressSink, ShardSpec, task_main, train_main
 from raytorch.core.config import TrainerConfig
 from raytorch.core.errors import RaytorchError, TrainingError, find_raytorch_error
+from raytorch.core.failure import Action, FailureKind, FailureStatus, decide
 from raytorch.core.resources import WorkerPlan, hold_problem
-from raytorch.engine.context import LoopResult
-from raytorch.engine.fs import join
-from raytorch.engine.monitor import TrainMonitor
+from raytorch.engine.io import join
+from raytorch.engine.tracking import TrainMonitor
+from raytorch.engine.train import LoopResult
 
 logger = logging.getLogger("raytorch")
 
@@ -36,7 +37,7 @@ logger = logging.getLogger("raytorch")
 
 class _Drain:
     """A driver thread that moves progress events from the sink actor to the run's monitor
-    (``raytorch.engine.monitor``: the display and the loggers)."""
+    (``raytorch.engine.tracking.monitor``: the display and the loggers)."""
 
     def __init__(self, sink: Any, monitor: TrainMonitor, period_s: float = 0.3) -> None:
         self.sink, self.monitor, self.period_s = sink, monitor, period_s
@@ -89,7 +90,7 @@ def _progress_sink() -> Any:
         # progress with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         sink = (
-            ray.remote(num_cpus=0)(_ProgressSink)
+            ray.remote(num_cpus=0)(ProgressSink)
             .options(name=f"raytorch-progress-{job}", scheduling_strategy=here)
             .remote()
         )
@@ -151,14 +152,14 @@ def _run_task(
     run_dir: str,
     resume: str | None,
 ) -> LoopResult:
-    """One worker as a Ray task; when its process dies, run it again from the last checkpoint,
-    up to ``max_failures`` times (an exception raised by the user's code is not retried: it
-    would fail the same way)."""
+    """One worker as a Ray task; when its process dies, run it again as ``decide`` says (from
+    the last checkpoint, up to ``max_failures`` times; an exception raised by the user's code is
+    not retried: it would fail the same way)."""
     import ray
 
-    from raytorch.engine.checkpoints import latest_checkpoint
+    from raytorch.engine.train import latest_checkpoint
 
-    remote = ray.remote(_task_main).options(max_retries=0, **plan.options)
+    remote = ray.remote(task_main).options(max_retries=0, **plan.options)
     failures = 0
     reason: str | None = None
     while True:
@@ -172,23 +173,20 @@ def _run_task(
             raise
         except _system_errors() as exc:
             failures += 1
-            if failures > cfg.max_failures:
-                raise TrainingError(
-                    f"the training worker died ({type(exc).__name__}) and max_failures="
-                    f"{cfg.max_failures} restarts are used up; raise max_failures to restart it "
-                    "from its last checkpoint, or resume later with the same run_name",
-                    exc,
-                ) from exc
-            lost = schedule_problem(plan.options, "the worker")
-            if lost is not None:  # its node is gone and no other can run it: waiting would hang
-                raise TrainingError(
-                    f"the training worker died ({type(exc).__name__}) and cannot be restarted: "
-                    f"{lost}. Resume later with the same run_name",
-                    exc,
-                ) from exc
-            found = latest_checkpoint(run_dir) if cfg.checkpoint_every else None
-            resume = found or resume
-            reason = f"the training worker's process died ({type(exc).__name__})"
+            status = FailureStatus(
+                kind=FailureKind.LOST,
+                error=type(exc).__name__,
+                failures=failures,
+                max_failures=cfg.max_failures,
+                # Its node is gone and no other can run it: waiting would hang.
+                unplaceable=schedule_problem(plan.options, "the worker"),
+                checkpoint=latest_checkpoint(run_dir) if cfg.checkpoint_every else None,
+                started_from=resume,
+            )
+            decision = decide(status)
+            if decision.action is Action.FAIL:
+                raise TrainingError(decision.message, exc) from exc
+            resume, reason = decision.resume, decision.message
             logger.warning(
                 "the training worker died (%s); restart %d of max_failures=%d from %s",
                 type(exc).__name__,
@@ -290,7 +288,7 @@ def _fit_ray_train(
 
     streaming = cfg.streaming
     trainer = TorchTrainer(
-        _train_main,  # type: ignore[arg-type]
+        train_main,  # type: ignore[arg-type]
         train_loop_config={
             "model": model,
             "cfg": cfg,
@@ -331,7 +329,7 @@ def _fit_ray_train(
         raise _train_failure(error, plan, cfg) from error
     out = getattr(result, "return_value", None)
     if not isinstance(out, LoopResult):
-        raise RuntimeError(
+        raise TrainingError(
             "Ray Train returned no result from rank 0 (this Ray version may lack "
             "Result.return_value; raytorch needs Ray Train V2, Ray >= 2.50)"
         )

@@ -1,4 +1,8 @@
-"""``TorchModel.predict_batches`` as a Ray task with the model's ``compute_kwargs``."""
+"""``TorchModel.predict_batches`` as a Ray task with the model's ``compute_kwargs``.
+
+The model calls in here (``predict_batches(remote=True)``, ``predict_batches_remote``); nothing
+here imports the model's package back: the task calls the model's own method.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,16 @@ from typing import TYPE_CHECKING, Any
 
 from raytorch.cluster.session import check_schedulable, ensure_ray
 from raytorch.core.resources import task_options
-from raytorch.engine.predict_batches import OnError, _as_items, _predict_batches_task
 
 if TYPE_CHECKING:
     import ray
 
-    from raytorch.engine.model import TorchModel
+    from raytorch.engine.model import OnError, TorchModel
+
+
+def _predict_batches_task(model: TorchModel, items: Sequence[Any], on_error: OnError) -> list[Any]:
+    """Body of the Ray task: the model's own ``predict_batches`` in the task's process."""
+    return model.predict_batches(items, on_error=on_error)
 
 
 def submit_predict_batches(
@@ -29,7 +37,7 @@ def submit_predict_batches(
     options = task_options(model.compute_kwargs)
     check_schedulable(options, field=f"compute_kwargs of model {model.identifier!r}")
     task = ray.remote(_predict_batches_task).options(**options)
-    return task.remote(model._shippable(), _as_items(items), on_error)
+    return task.remote(model.for_shipping(), items, on_error)
 
 
 def predict_batches_on_ray(

@@ -1,116 +1,212 @@
-"""Data sources as Ray Datasets, and each worker's exact part of them.
+"""A checked ``Source`` on Ray: what each worker reads.
 
-Sources: a ``ray.data.Dataset``; a parquet path or URI (local or object storage); a
-``pyarrow.Table``; a pandas DataFrame; a list of dicts; a dict of equal-length numpy arrays or
-tensors. Driver-side sources are converted with :mod:`raytorch.engine.arrow`; shards travel to
-workers as object refs of Arrow tables (exact, disjoint parts), or are downloaded once per node.
+``rows_of`` is the one place that turns a source into rows Ray can split: a table on the driver
+(no per-row map, data in memory) is sliced and put in the object store; anything else runs
+through Ray Data (``read_parquet`` of the source's own files, ``from_arrow``, or the user's
+``Dataset``). ``training_data`` gives every worker its exact, disjoint part of the training and
+validation rows (object refs of Arrow tables, or a ``Download`` read on the worker) and, when
+streaming, the dataset Ray Train splits.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from raytorch.cluster.compat import quiet_dataset
-from raytorch.core.errors import DataError
+from raytorch.core.errors import DataError, find_raytorch_error
 from raytorch.core.layout import Layout
-from raytorch.engine.arrow import to_table
-from raytorch.engine.tables import ArrowCollate, RowMap, check_parquet
+from raytorch.core.source import Source, SourceKind
+from raytorch.engine.io import ArrowCollate, Download, RowMap, check_counts, table_holdout
 
 if TYPE_CHECKING:
     import ray.data
 
 
-# ---------------------------------------------------------------------------------------------
-# Sources
+def quiet_input(data: Any) -> Any:
+    """A user's ``ray.data.Dataset`` as a quiet copy (no progress bars of its own in the middle of
+    raytorch's progress, see ``compat.quiet_dataset``); any other input as it is. Called before
+    the input is opened: opening reads a dataset's schema, which may run it."""
+    import sys
+
+    ray_data = sys.modules.get("ray.data")
+    if ray_data is not None and isinstance(data, ray_data.Dataset):
+        return quiet_dataset(data)
+    return data
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def to_dataset(source: Any, field: str = "data") -> ray.data.Dataset:
-    """Turn a data source into a ``ray.data.Dataset`` (see the module docstring for sources).
-
-    Raises:
-        DataError: a missing local file or directory (naming it), an empty or malformed source,
-            or an unsupported type.
-    """
+def to_dataset(source: Source) -> ray.data.Dataset:
+    """A ``ray.data.Dataset`` of a source's rows: its own parquet files (the one file rule), its
+    table, or the user's dataset (opened from ``quiet_input``'s copy)."""
     import ray.data
 
-    if isinstance(source, ray.data.Dataset):
-        return quiet_dataset(source)
-    if isinstance(source, os.PathLike):
-        source = os.fspath(source)
-    if isinstance(source, str):
-        if not _is_uri(source) and not Path(source).exists():
-            raise DataError(
-                f"{field}={source!r}: no such file or directory (looked in {Path.cwd()}); give the "
-                "path of a parquet file or directory, or a URI such as s3://bucket/prefix"
-            )
-        if not _is_uri(source):
-            check_parquet(source, field)
-            # Relative to the driver's working directory: Ray Data's readers run in worker
-            # processes whose working directory may differ (a Ray started elsewhere).
-            source = str(Path(source).resolve())
-        try:
-            return ray.data.read_parquet(source)
-        except Exception as exc:  # object storage: a corrupt file shows only here
-            raise DataError(
-                f"{field}={source!r} could not be read as parquet: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}; check the files there"
-            ) from exc
-    if isinstance(source, pa.Table):
-        if source.num_rows == 0:
-            raise DataError(f"{field} is an empty pyarrow.Table; give at least one row")
-        return ray.data.from_arrow(source)
-    if type(source).__name__ == "DataFrame" and hasattr(source, "to_dict"):
-        return ray.data.from_arrow(pa.Table.from_pandas(source, preserve_index=False))
-    if isinstance(source, (list, tuple, Mapping)):
-        return ray.data.from_arrow(to_table(source, field))
-    raise DataError(
-        f"{field} is a {type(source).__name__}; give a ray.data.Dataset, a parquet path or URI, "
-        "a pyarrow.Table, a list of dicts, or a dict of equal-length arrays"
-    )
+    if source.kind is SourceKind.DATASET:
+        return source.dataset
+    if source.kind is SourceKind.TABLE:
+        return ray.data.from_arrow(source.table)
+    with reading(source):
+        return ray.data.read_parquet([f.path for f in source.files])
 
 
-def shard_refs(data: Any, n: int, count: int) -> list[list[Any]]:
-    """``n`` exact, disjoint parts of a table or dataset, each as object refs of Arrow tables.
+@contextlib.contextmanager
+def reading(source: Source) -> Iterator[None]:
+    """Ray Data's failures to read a file source (a corrupt page behind a good footer, a file
+    deleted since) as a DataError naming the source; raytorch's own errors pass as they are."""
+    try:
+        yield
+    except Exception as exc:
+        if source.kind is not SourceKind.FILES or find_raytorch_error(exc) is not None:
+            raise
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{source.field}: {source.describe()} could not be read ({first[:300]}); a file is "
+            "truncated, corrupt or was removed: write it again, or move it out of the input"
+        ) from exc
 
-    Workers ``ray.get`` the tables without importing or running Ray Data.
+
+class TableRows:
+    """Rows on the driver, with no per-row map: sliced and put in the object store as they are
+    (seconds faster than a Ray Data pipeline)."""
+
+    def __init__(self, table: pa.Table, source: Source) -> None:
+        self.table, self.source = table, source
+
+    def holdout(self, fraction: float, seed: int | None) -> tuple[TableRows, TableRows]:
+        """Hold out ``fraction`` of the rows (a seeded permutation)."""
+        train, valid = table_holdout(self.table, fraction, seed)
+        return TableRows(train, self.source), TableRows(valid, self.source)
+
+    def select(self, columns: list[str], row_map: RowMap | None) -> TableRows:
+        return TableRows(self.table.select(columns), self.source)
+
+    def count(self) -> int:
+        return int(self.table.num_rows)
+
+    def parts(self, n: int, count: int) -> list[list[Any]]:
+        """``n`` exact, disjoint, contiguous parts as object refs of Arrow tables."""
+        import ray
+
+        bounds = [count * i // n for i in range(n + 1)]
+        return [[ray.put(self.table.slice(bounds[i], bounds[i + 1] - bounds[i]))] for i in range(n)]
+
+    def dataset(self) -> ray.data.Dataset:
+        import ray.data
+
+        return ray.data.from_arrow(self.table)
+
+
+class DatasetRows:
+    """Rows read, mapped and split by Ray Data."""
+
+    def __init__(self, dataset: ray.data.Dataset, source: Source) -> None:
+        self.ds, self.source = dataset, source
+
+    def holdout(self, fraction: float, seed: int | None) -> tuple[DatasetRows, DatasetRows]:
+        """Split off ``fraction`` of the rows for validation, the same rows for the same seed."""
+        train, valid = self.ds.train_test_split(test_size=fraction, shuffle=True, seed=seed)
+        return DatasetRows(train, self.source), DatasetRows(valid, self.source)
+
+    def select(self, columns: list[str], row_map: RowMap | None) -> DatasetRows:
+        ds = self.ds.map(row_map) if row_map is not None else self.ds.select_columns(columns)
+        return DatasetRows(ds, self.source)
+
+    def count(self) -> int:
+        with reading(self.source):
+            return int(self.ds.count())
+
+    def parts(self, n: int, count: int) -> list[list[Any]]:
+        """``n`` exact, disjoint, contiguous parts covering every row (no drop, no duplicate),
+        as object refs of Arrow tables: workers ``ray.get`` them without running Ray Data.
+
+        Ray Train's own split (``equal=True``) may drop remainder rows, which is fine for
+        training but would make validation inexact.
+        """
+        with reading(self.source):
+            if n == 1:
+                pieces = [self.ds.materialize()]
+            else:
+                pieces = list(self.ds.split_at_indices([count * i // n for i in range(1, n)]))
+            return [list(part.to_arrow_refs()) for part in pieces]
+
+    def dataset(self) -> ray.data.Dataset:
+        return self.ds
+
+
+Rows = TableRows | DatasetRows
+
+
+def rows_of(source: Source, local: bool) -> Rows:
+    """The one decision of how a source's rows travel: a table stays a table when ``local`` (no
+    per-row map, not streamed); everything else goes through Ray Data."""
+    if local and source.kind is SourceKind.TABLE:
+        return TableRows(source.table, source)
+    return DatasetRows(to_dataset(source), source)
+
+
+@dataclass
+class TrainingData:
+    """What each of ``n`` workers reads, decided on the driver before any worker starts."""
+
+    train: list[Any]  # per rank: refs of Arrow tables, a Download, a Dataset, or None (Ray Train)
+    valid: list[Any]  # per rank: refs of Arrow tables, or a Download
+    dataset: Any  # streaming: the training dataset Ray Train splits (else None)
+    counts: dict[str, int]
+
+
+def training_data(
+    train: Source,
+    valid: Source | None,
+    *,
+    layout: Layout,
+    row_map: RowMap | None,
+    n: int,
+    streaming: bool,
+    download: bool,
+    validate_fraction: float | None,
+    seed: int | None,
+    batch_size: int,
+    drop_last: bool,
+) -> TrainingData:
+    """Every worker's exact, disjoint part of the training and validation rows.
+
+    Raises:
+        DataError: no validation data and no ``validate`` fraction, empty data, fewer rows than
+            workers, or a batch larger than the data.
     """
-    import ray
+    columns = layout.columns
+    local = row_map is None and not streaming
+    train_rows = rows_of(train, local)
+    if valid is not None:
+        valid_rows = rows_of(valid, local)
+    elif validate_fraction is not None:
+        train_rows, valid_rows = train_rows.holdout(validate_fraction, seed)
+    else:
+        raise DataError(
+            "valid_data is None and validate is not set; pass valid_data to fit(), or set "
+            "validate=0.2 to hold out a fraction of train_data"
+        )
+    train_rows = train_rows.select(columns, row_map)
+    valid_rows = valid_rows.select(columns, row_map)
+    counts = {"train": train_rows.count(), "valid": valid_rows.count()}
+    check_counts(counts["train"], counts["valid"], n, batch_size, drop_last)
 
-    bounds = [count * i // n for i in range(n + 1)]
-    if isinstance(data, pa.Table):
-        return [[ray.put(data.slice(bounds[i], bounds[i + 1] - bounds[i]))] for i in range(n)]
-    return [list(part.to_arrow_refs()) for part in split_exact(data, n, count)]
+    def part(source: Source | None, rows: Rows, count: int) -> list[Any]:
+        if download and source is not None and source.remote and source.uri:
+            return [Download(source.uri, columns, row_map)] * n
+        return rows.parts(n, count)
 
-
-def holdout(
-    ds: ray.data.Dataset, fraction: float, seed: int | None
-) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """Split off ``fraction`` of the rows for validation, the same rows for the same seed."""
-    train, valid = ds.train_test_split(test_size=fraction, shuffle=True, seed=seed)
-    return train, valid
-
-
-def split_exact(ds: ray.data.Dataset, n: int, count: int | None = None) -> list[Any]:
-    """``n`` materialised, disjoint, contiguous parts covering every row (no drop, no duplicate).
-
-    Ray Train's own split (``equal=True``) may drop remainder rows, which is fine for training but
-    would make validation inexact.
-    """
-    if n == 1:
-        return [ds.materialize()]
-    total = ds.count() if count is None else count
-    indices = [total * i // n for i in range(1, n)]
-    return list(ds.split_at_indices(indices))
+    valid_parts = part(valid, valid_rows, counts["valid"])
+    if streaming:
+        dataset = train_rows.dataset()
+        train_parts: list[Any] = [dataset if n == 1 else None] * n
+        return TrainingData(train_parts, valid_parts, dataset, counts)
+    # A held-out split lives in train_rows only: the downloaded file holds both parts.
+    train_parts = part(train if valid is not None else None, train_rows, counts["train"])
+    return TrainingData(train_parts, valid_parts, None, counts)
 
 
 def arrow_collate(
@@ -127,99 +223,3 @@ def arrow_collate(
             return self.inner(batch)
 
     return _Collate()
-
-
-# ---------------------------------------------------------------------------------------------
-# download=True
-
-
-def download(uri: str, cache_root: str | os.PathLike[str] | None = None) -> Path:
-    """Copy ``uri`` (object storage) to a local cache directory once per node; return the path.
-
-    The copy lands under ``$RAYTORCH_CACHE`` (default ``~/.cache/raytorch``) in a directory named
-    by a hash of the URI and of its files' names, sizes and modification times, so changed data is
-    fetched again and unchanged data is reused by later runs. The workers of one node take a file
-    lock: the first copies, the others wait for it and read its copy (a process that dies holding
-    the lock releases it, and its half copy is never marked complete).
-    """
-    from pyarrow import fs
-
-    from raytorch.core.errors import DataError
-
-    root = Path(cache_root or os.environ.get("RAYTORCH_CACHE", "~/.cache/raytorch")).expanduser()
-    filesystem, path = fs.FileSystem.from_uri(uri)
-    info = filesystem.get_file_info(path)
-    if info.type == fs.FileType.NotFound:
-        raise DataError(f"download=True: {uri} does not exist; check the URI (or its bucket)")
-    target = root / _fingerprint(uri, filesystem, path, info)
-    done = target / ".complete"
-    if done.exists():
-        return target / "data"
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{target.name}.lock", "w") as lock:
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when this process dies
-        except ImportError:  # no POSIX locks (Windows): each worker copies, the last one wins
-            pass
-        if not done.exists():  # the first worker of this node copies; the others reuse it
-            _copy_into(target, filesystem, path, info)
-    return target / "data"
-
-
-def _fingerprint(uri: str, filesystem: Any, path: str, info: Any) -> str:
-    """A name for the cached copy: the URI and every file's name, size and mtime."""
-    from pyarrow import fs
-
-    if info.type == fs.FileType.Directory:
-        files = filesystem.get_file_info(fs.FileSelector(path, recursive=True))
-    else:
-        files = [info]
-    digest = hashlib.sha256(uri.encode())
-    for f in sorted((f for f in files if f.type == fs.FileType.File), key=lambda f: f.path):
-        digest.update(f"{f.path}|{f.size}|{f.mtime_ns}".encode())
-    return digest.hexdigest()[:16]
-
-
-def _copy_into(target: Path, filesystem: Any, path: str, info: Any) -> None:
-    import shutil
-
-    from pyarrow import fs
-
-    shutil.rmtree(target, ignore_errors=True)  # a copy that never completed
-    dest = (
-        target / "data" if info.type == fs.FileType.Directory else target / "data" / Path(path).name
-    )
-    (target / "data").mkdir(parents=True, exist_ok=True)
-    fs.copy_files(
-        path, str(dest), source_filesystem=filesystem, destination_filesystem=fs.LocalFileSystem()
-    )
-    (target / ".complete").touch()
-
-
-class Download:
-    """A worker-side source: copy ``uri`` to local disk once (``download=True``), then read this
-    rank's exact, contiguous part of the rows with pyarrow (no Ray Data on the worker).
-
-    Args:
-        uri: a parquet file or directory in object storage.
-        columns: the key columns to read.
-        row_map: the per-row map (transform / train preprocess), applied after reading, or None.
-    """
-
-    def __init__(self, uri: str, columns: Sequence[str], row_map: RowMap | None = None) -> None:
-        self.uri, self.columns, self.row_map = uri, list(columns), row_map
-
-    def read(self, rank: int = 0, world_size: int = 1) -> pa.Table:
-        """This rank's part of the rows, as a table (mapped when there is a row map)."""
-        import pyarrow.dataset as pads
-
-        local = download(self.uri)
-        table = pads.dataset(str(local), format="parquet").to_table(columns=self.columns)
-        start = table.num_rows * rank // world_size
-        stop = table.num_rows * (rank + 1) // world_size
-        part = table.slice(start, stop - start)
-        if self.row_map is None:
-            return part
-        return to_table([self.row_map(row) for row in part.to_pylist()], self.uri)

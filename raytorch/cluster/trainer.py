@@ -1,8 +1,9 @@
 """``TorchTrainer``: the user-facing training configuration with ``fit`` and ``evaluate``.
 
-``fit`` validates everything it can on the driver (config at construction; columns, row counts and
-resources before any worker starts), runs the loop through ``raytorch.launcher``, puts the best
-(or last) weights into the model, and writes the run directory::
+``fit`` validates everything it can on the driver (config at construction; the sources' columns,
+types and values before Ray starts; row counts and resources before any worker starts), runs the
+loop through the launcher, puts the best (or last) weights into the model, and writes the run
+directory::
 
     <storage_path>/<run_name>/
         result.json          summary (stop reason, best, seed, timings, devices, config)
@@ -24,30 +25,31 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 
 from raytorch.core.config import TrainerConfig, resolve_objective
+from raytorch.core.errors import ConfigError, DataError, ModelError
 from raytorch.core.progress import show_progress
 from raytorch.core.resolve import resolve_callable
 from raytorch.core.resources import WorkerPlan
-from raytorch.engine.context import LoopResult
-from raytorch.engine.fs import check_stores
-from raytorch.engine.monitor import TrainMonitor
-from raytorch.engine.runs import (
+from raytorch.core.source import Source
+from raytorch.engine.io import RowMap, check_source, check_stores, open_source
+from raytorch.engine.tracking import (
     RunStatus,
     TrainingResult,
-    _run_dir,
-    _run_name,
-    _steady_timings,
-    _storage_path,
-    _write_failed,
-    _write_run_dir,
+    TrainMonitor,
     is_finished,
     load_finished,
+    new_run_name,
     read_result,
+    run_dir_of,
     status_of,
+    steady_timings,
+    storage_root,
+    write_failed,
+    write_run_dir,
 )
+from raytorch.engine.train import LoopResult
 
 logger = logging.getLogger("raytorch")
 
@@ -67,6 +69,24 @@ def _preprocess_fn(model: Any) -> Any:
     # TorchModel falls back from train_preprocess to preprocess, so either one means a map.
     has = any(getattr(model, f, None) is not None for f in ("train_preprocess", "preprocess"))
     return model.train_preprocess_item if has else None
+
+
+def _row_map(cfg: TrainerConfig, model: Any) -> RowMap | None:
+    """The per-row map of ``transform`` and the model's train preprocess, or None."""
+    transform = resolve_callable(cfg.transform, "transform")
+    preprocess = _preprocess_fn(model)
+    if transform is None and preprocess is None:
+        return None
+    return RowMap(cfg.layout(), transform, cfg.signature, preprocess, _train_forward_as_dict(model))
+
+
+@dataclass
+class _Sources:
+    """The training job's inputs, opened and checked on the driver before Ray starts."""
+
+    train: Source
+    valid: Source | None
+    row_map: RowMap | None
 
 
 @dataclass
@@ -106,20 +126,21 @@ class TorchTrainer(TrainerConfig):
 
         Args:
             model: a TorchModel; trained in place (best weights when ``restore_best``).
-            train_data, valid_data: any source ``raytorch.data.to_dataset`` accepts.
+            train_data, valid_data: parquet files, folders or URIs, a pyarrow.Table, rows (a list
+                of dicts, a dict of arrays, a DataFrame) or a ray.data.Dataset.
 
         Returns:
             The TrainingResult (also written to the run directory).
 
         Raises:
-            raytorch.data.DataError: missing columns, empty data, a batch larger than the data.
+            raytorch.core.errors.DataError: missing columns, empty data, a batch larger than the
+                data.
             raytorch.core.errors.ResourceError: compute_kwargs the cluster can never satisfy.
         """
         show_progress()
         from raytorch.cluster.compat import quiet_ray_data
         from raytorch.cluster.session import ensure_ray, ray_env
-        from raytorch.core.errors import ConfigError
-        from raytorch.engine.loggers import missing_extras
+        from raytorch.engine.tracking import missing_extras
 
         missing = missing_extras(self.loggers)
         if missing:  # before Ray starts: a missing package should cost a second
@@ -133,7 +154,7 @@ class TorchTrainer(TrainerConfig):
         started = time.time()
         run_name = self.run_name
         if run_name is not None:
-            run_dir = _run_dir(_storage_path(self.storage_path), run_name)
+            run_dir = run_dir_of(storage_root(self.storage_path), run_name)
             summary = read_result(run_dir)
             if is_finished(summary) and self.if_finished == "return":
                 assert summary is not None
@@ -145,21 +166,38 @@ class TorchTrainer(TrainerConfig):
                 )
                 return load_finished(run_dir, summary, model, self.restore_best)
             if is_finished(summary):
-                run_name = _run_name(run_name)
+                run_name = new_run_name(run_name)
                 logger.info("run %s already finished; training again as %s", run_dir, run_name)
+        sources = self._sources(model, train_data, valid_data)
         with ray_env(), quiet_ray_data():
             ensure_ray()
             ray_up = time.time()
-            run = self._plan(model, train_data, valid_data, run_name)
+            run = self._plan(model, sources, run_name)
             monitor = self._monitor(run)
             run.stamps = {"fit": started, "ray": ray_up, "planned": time.time()}
             out = self._execute(model, run, monitor)
         return self._finalize(model, run, out, started, monitor)
 
+    def _sources(self, model: Any, train_data: Any, valid_data: Any) -> _Sources:
+        """Open and check the inputs (footers, schemas, columns, types; a table's values)."""
+        from raytorch.cluster.sources import quiet_input
+
+        row_map = _row_map(self, model)
+        columns = self.layout().columns
+        # A collate_fn turns the raw columns into tensors itself (ragged lists, strings, ...).
+        values = row_map is None and (self.collate_fn or self.loader_kwargs.collate_fn) is None
+        train = open_source(quiet_input(train_data), "train_data")
+        check_source(train, columns, values=values)
+        valid = None
+        if valid_data is not None:
+            valid = open_source(quiet_input(valid_data), "valid_data")
+            check_source(valid, columns, values=values)
+        return _Sources(train, valid, row_map)
+
     def _monitor(self, run: _FitPlan) -> TrainMonitor:
         """The run's progress display and loggers (one writer each, on the driver)."""
         from raytorch.core.live import TrainDisplay
-        from raytorch.engine.loggers import open_loggers
+        from raytorch.engine.tracking import open_loggers
 
         params = self.model_dump(mode="json", exclude={"optimizer_state"}, fallback=repr)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or self.identifier
@@ -168,36 +206,40 @@ class TorchTrainer(TrainerConfig):
         )
         return TrainMonitor(TrainDisplay(self.max_iterations, self.epochs), hub)
 
-    def _plan(self, model: Any, train_data: Any, valid_data: Any, run_name: str | None) -> _FitPlan:
+    def _plan(self, model: Any, sources: _Sources, run_name: str | None) -> _FitPlan:
         """Seed, workers, data shards and the run directory: everything decided before training."""
         from raytorch.cluster.session import cluster_nodes
+        from raytorch.cluster.sources import training_data
         from raytorch.cluster.worker import ShardSpec
-        from raytorch.core.resources import plan_workers
 
         seed = _resolve_seed(self.seed)
         n = self.compute_kwargs.num_workers
-        plan = plan_workers(self, cluster_nodes())
-        train_ds, valid_ds = self._datasets(model, train_data, valid_data, seed)
-        counts = self._check_counts(train_ds, valid_ds, n)
+        plan = self.worker_plan(cluster_nodes())
+        data = training_data(
+            sources.train,
+            sources.valid,
+            layout=self.layout(),
+            row_map=sources.row_map,
+            n=n,
+            streaming=self.streaming,
+            download=self.download,
+            validate_fraction=self.validate_fraction,
+            seed=seed,
+            batch_size=self.batch_size,
+            drop_last=self.loader_kwargs.drop_last,
+        )
         layout, as_dict = self.layout(), _train_forward_as_dict(model)
-        valid_parts = self._parts(model, valid_data, valid_ds, n, counts["valid"])
-        if self.streaming:
-            train_parts: list[Any] = [train_ds if n == 1 else None] * n
-        else:
-            # A held-out split lives in train_ds only: the downloaded file holds both parts.
-            source = None if valid_data is None else train_data
-            train_parts = self._parts(model, source, train_ds, n, counts["train"])
         # One data seed for the whole group, drawn here when the run is unseeded.
         data_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
         shards = [
-            ShardSpec(layout, as_dict, self.streaming, train_parts[i], valid_parts[i], data_seed)
+            ShardSpec(layout, as_dict, self.streaming, data.train[i], data.valid[i], data_seed)
             for i in range(n)
         ]
-        storage = _storage_path(self.storage_path)
-        run_name = run_name or _run_name(self.identifier)
-        run_dir = _run_dir(storage, run_name)
+        storage = storage_root(self.storage_path)
+        run_name = run_name or new_run_name(self.identifier)
+        run_dir = run_dir_of(storage, run_name)
         resume = self._resume(str(run_dir), resuming=run_name == self.run_name)
-        return _FitPlan(seed, plan, shards, train_ds, storage, run_name, run_dir, resume)
+        return _FitPlan(seed, plan, shards, data.dataset, storage, run_name, run_dir, resume)
 
     def _execute(self, model: Any, run: _FitPlan, monitor: TrainMonitor) -> LoopResult:
         """Launch the workers (resuming where asked); a failure marks the run directory failed."""
@@ -229,7 +271,7 @@ class TorchTrainer(TrainerConfig):
             monitor.close()
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             monitor.loggers.fail(status, f"{type(exc).__name__}: {exc}")
-            _write_failed(run.run_dir, run.run_name, run.seed, exc, run.started_at)
+            write_failed(run.run_dir, run.run_name, run.seed, exc, run.started_at)
             raise
         finally:
             monitor.close()
@@ -246,7 +288,7 @@ class TorchTrainer(TrainerConfig):
             "samples": float(out.samples),
             "samples_per_s": out.samples / out.train_s if out.train_s > 0 else math.nan,
         }
-        timings.update(_steady_timings(out.extra))
+        timings.update(steady_timings(out.extra))
         timings.update(_startup_phases(run.stamps, out))
         weights = out.best_state_dict if self.restore_best and out.best_state_dict else None
         model.object.load_state_dict(weights or out.final_state_dict)
@@ -278,7 +320,7 @@ class TorchTrainer(TrainerConfig):
             started_at=run.started_at,
         )
         try:
-            _write_run_dir(result, self, out.best_state_dict, monitor.loggers)
+            write_run_dir(result, self, out.best_state_dict, monitor.loggers)
         finally:
             monitor.loggers.close()
         if result.status is not RunStatus.COMPLETED:
@@ -303,7 +345,7 @@ class TorchTrainer(TrainerConfig):
     def _resume(self, run_dir: str, resuming: bool) -> str | None:
         """The checkpoint to start from: ``resume_from``, or this run's own latest checkpoint
         when ``run_name`` names a run that saved some (re-running a stopped run)."""
-        from raytorch.engine.checkpoints import latest_checkpoint, resolve_resume
+        from raytorch.engine.train import latest_checkpoint, resolve_resume
 
         found = None
         if self.resume_from is not None:
@@ -322,67 +364,6 @@ class TorchTrainer(TrainerConfig):
         """
         return evaluate(model, data, trainer=self)
 
-    # -- driver-side data checks
-
-    def _datasets(self, model: Any, train_data: Any, valid_data: Any, seed: int | None):
-        """Train and valid data as Arrow tables (driver-side sources, in memory, no row map) or
-        Ray Datasets, with the key columns checked and the row map (transform) attached."""
-        from raytorch.cluster.sources import holdout
-        from raytorch.core.errors import DataError
-        from raytorch.engine.tables import table_holdout
-
-        row_map = _row_map(self, model)
-        train = _source(train_data, "train_data", local=row_map is None and not self.streaming)
-        # A collate_fn turns the raw columns into tensors itself (ragged lists, strings, ...).
-        values = row_map is None and (self.collate_fn or self.loader_kwargs.collate_fn) is None
-        _check(train, self.layout().columns, "train_data", values=values)
-        if valid_data is not None:
-            valid = _source(valid_data, "valid_data", local=row_map is None and not self.streaming)
-            _check(valid, self.layout().columns, "valid_data", values=values)
-        elif self.validate_fraction is not None:
-            split = table_holdout if isinstance(train, pa.Table) else holdout
-            train, valid = split(train, self.validate_fraction, seed)
-        else:
-            raise DataError(
-                "valid_data is None and validate is not set; pass valid_data to fit(), or set "
-                "validate=0.2 to hold out a fraction of train_data"
-            )
-        return _select(train, self.layout().columns, row_map), _select(
-            valid, self.layout().columns, row_map
-        )
-
-    def _parts(self, model: Any, source: Any, data: Any, n: int, count: int) -> list[Any]:
-        """Each worker's part of ``data``: object refs, or a Download read on the worker."""
-        from raytorch.cluster.sources import Download, shard_refs
-
-        if self.download and isinstance(source, str) and "://" in source:
-            return [Download(source, self.layout().columns, _row_map(self, model))] * n
-        return shard_refs(data, n, count)
-
-    def _check_counts(self, train_ds: Any, valid_ds: Any, n: int) -> dict[str, int]:
-        from raytorch.core.errors import DataError
-
-        counts = {"train": _count(train_ds), "valid": _count(valid_ds)}
-        bs = self.batch_size
-        if counts["train"] == 0:
-            raise DataError("train_data has no rows; give at least loader_kwargs.batch_size rows")
-        if counts["train"] < n:
-            raise DataError(
-                f"train_data has {counts['train']} row(s) for num_workers={n}, so some worker's "
-                "shard would be empty; give at least one row per worker (better: a batch each) "
-                "or lower compute_kwargs.num_workers"
-            )
-        if counts["valid"] == 0:
-            raise DataError("valid_data has no rows; give some, or set validate=0.2")
-        per_worker = counts["train"] // n
-        if bs > counts["train"] or (self.loader_kwargs.drop_last and bs > per_worker):
-            raise DataError(
-                f"loader_kwargs.batch_size={bs} is larger than the training data "
-                f"({counts['train']} rows, {per_worker} per worker for num_workers={n}); lower "
-                "loader_kwargs.batch_size or give more data"
-            )
-        return counts
-
 
 def _startup_phases(stamps: dict[str, float], out: LoopResult) -> dict[str, float]:
     """``startup_s`` split: Ray start (or join), the driver's data planning, the worker's start
@@ -400,47 +381,6 @@ def _startup_phases(stamps: dict[str, float], out: LoopResult) -> dict[str, floa
     }
 
 
-def _row_map(cfg: TrainerConfig, model: Any) -> Any:
-    """The per-row map of ``transform`` and the model's train preprocess, or None."""
-    from raytorch.engine.tables import RowMap
-
-    transform = resolve_callable(cfg.transform, "transform")
-    preprocess = _preprocess_fn(model)
-    if transform is None and preprocess is None:
-        return None
-    return RowMap(cfg.layout(), transform, cfg.signature, preprocess, _train_forward_as_dict(model))
-
-
-def _source(data: Any, field: str, local: bool) -> Any:
-    from raytorch.cluster.sources import to_dataset
-    from raytorch.engine.tables import local_table
-
-    table = local_table(data, field) if local else None
-    return table if table is not None else to_dataset(data, field)
-
-
-def _check(data: Any, columns: list[str], field: str, values: bool = False) -> None:
-    """Key columns exist; with ``values`` (no transform will change them) their types too, and
-    the values of a driver-side table (in memory already, so the check is cheap)."""
-    from raytorch.engine.tables import check_columns, check_types, check_values
-
-    check_columns(data, columns, field)
-    if values:
-        check_types(data, columns, field)
-        if isinstance(data, pa.Table):
-            check_values(data, columns, field)
-
-
-def _select(data: Any, columns: list[str], row_map: Any) -> Any:
-    if isinstance(data, pa.Table):
-        return data.select(columns)
-    return data.map(row_map) if row_map is not None else data.select_columns(columns)
-
-
-def _count(data: Any) -> int:
-    return data.num_rows if isinstance(data, pa.Table) else int(data.count())
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation on a test set
 
@@ -451,15 +391,13 @@ def _evaluate_task(model: Any, cfg: TrainerConfig, refs: list[Any], as_dict: boo
     from raytorch.cluster.compat import quiet_ray_data_here
     from raytorch.core.metrics import MetricAccumulator
     from raytorch.core.pytree import to_device
-    from raytorch.engine.arrow import tables_to_tensors
-    from raytorch.engine.context import TensorBatches
-    from raytorch.engine.loop import _device_of
-    from raytorch.engine.tables import assemble
+    from raytorch.engine.io import assemble, tables_to_tensors
+    from raytorch.engine.train import TensorBatches, device_of
 
     acc = MetricAccumulator(cfg.metrics("valid"))
     objective = resolve_objective(cfg)
     quiet_ray_data_here(import_it=False)  # tables from the object store: no Ray Data here
-    device = _device_of(model, 0)
+    device = device_of(model, 0)
     module = model.object.to(device)
     module.eval()
     data = assemble(tables_to_tensors(ray.get(refs)), cfg.layout(), as_dict)
@@ -479,45 +417,48 @@ def evaluate(model: Any, data: Any, trainer: TrainerConfig | None = None) -> dic
 
     Args:
         model: a TorchModel.
-        data: any source ``raytorch.data.to_dataset`` accepts.
+        data: any input ``fit`` takes.
         trainer: the configuration (None: ``model.trainer``).
 
     Returns:
         ``{"test/objective": ..., "test/<name>": ...}``.
 
     Raises:
-        raytorch.data.DataError: a missing column or empty data.
+        ModelError: no trainer given and none on the model.
+        DataError: a missing column or empty data.
     """
     from raytorch.cluster.compat import quiet_ray_data
     from raytorch.cluster.session import ensure_ray, ray_env
 
     cfg = trainer if trainer is not None else getattr(model, "trainer", None)
     if not isinstance(cfg, TrainerConfig):
-        raise ValueError(
+        raise ModelError(
             "evaluate needs a trainer: pass trainer=TorchTrainer(...) or set model.trainer"
         )
+    from raytorch.cluster.sources import quiet_input
+
+    row_map = _row_map(cfg, model)
+    source = open_source(quiet_input(data), "data")
+    check_source(source, cfg.layout().columns)
     with ray_env(), quiet_ray_data():
         ensure_ray()
-        return _evaluate(model, data, cfg)
+        return _evaluate(model, source, cfg, row_map)
 
 
-def _evaluate(model: Any, data: Any, cfg: TrainerConfig) -> dict[str, float]:
+def _evaluate(
+    model: Any, source: Source, cfg: TrainerConfig, row_map: RowMap | None
+) -> dict[str, float]:
     import ray
 
     from raytorch.cluster.session import check_schedulable
-    from raytorch.cluster.sources import shard_refs
-    from raytorch.core.errors import DataError
+    from raytorch.cluster.sources import rows_of
     from raytorch.core.metrics import MetricAccumulator
 
-    row_map = _row_map(cfg, model)
-    columns = cfg.layout().columns
-    source = _source(data, "data", local=row_map is None)
-    _check(source, columns, "data")
-    source = _select(source, columns, row_map)
-    count = _count(source)
+    rows = rows_of(source, local=row_map is None).select(cfg.layout().columns, row_map)
+    count = rows.count()
     if count == 0:
         raise DataError("data has no rows; give the test rows to evaluate on")
-    (refs,) = shard_refs(source, 1, count)
+    (refs,) = rows.parts(1, count)
     options = cfg.compute_kwargs.per_worker()
     check_schedulable(options)
     task = ray.remote(_evaluate_task).options(max_retries=0, **options)

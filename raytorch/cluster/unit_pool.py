@@ -21,8 +21,8 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from raytorch.core.units import Unit
 from raytorch.core.work_queue import WorkQueue
-from raytorch.engine.parts import Unit
 
 logger = logging.getLogger("raytorch")
 

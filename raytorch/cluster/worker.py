@@ -19,15 +19,14 @@ from raytorch.cluster.compat import quiet_ray_data_here
 from raytorch.core.config import TrainerConfig
 from raytorch.core.layout import Layout
 from raytorch.core.resolve import resolve_callable
-from raytorch.engine.context import Batch, LoopResult, TensorBatches, WorkerContext
-from raytorch.engine.loop import run_loop
-from raytorch.engine.tables import check_finite
+from raytorch.engine.io import check_finite
+from raytorch.engine.train import Batch, LoopResult, TensorBatches, WorkerContext, run_loop
 
 # ---------------------------------------------------------------------------------------------
 # Worker side
 
 
-class _ProgressSink:
+class ProgressSink:
     """A zero-CPU actor holding progress lines and events until the driver drains them."""
 
     def __init__(self) -> None:
@@ -88,10 +87,9 @@ class RayContext(WorkerContext):
     def setup(self, device: torch.device) -> None:
         import ray
 
-        from raytorch.cluster.sources import Download, arrow_collate
+        from raytorch.cluster.sources import arrow_collate
         from raytorch.core.pytree import to_device
-        from raytorch.engine.arrow import tables_to_tensors
-        from raytorch.engine.tables import assemble
+        from raytorch.engine.io import Download, assemble, tables_to_tensors
 
         # A Ray worker: the change stays in its process. Ray Data is imported only where this
         # worker streams through it (the import costs about 0.6 s of a first fit's start-up).
@@ -183,7 +181,7 @@ class RayContext(WorkerContext):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         if not self.ray_train:
             if checkpoint_dir is not None and self.run_dir is not None:
-                from raytorch.engine.checkpoints import publish_checkpoint
+                from raytorch.engine.train import publish_checkpoint
 
                 publish_checkpoint(checkpoint_dir, self.run_dir, self.cfg.checkpoint_num_to_keep)
             return
@@ -205,7 +203,7 @@ class RayContext(WorkerContext):
                 return Path(checkpoint.to_directory())
         if self.resume is None:
             return None
-        from raytorch.engine.fs import download_dir, is_uri
+        from raytorch.engine.io import download_dir, is_uri
 
         if is_uri(self.resume):
             return download_dir(self.resume, tempfile.mkdtemp(prefix="raytorch-resume-"))
@@ -220,7 +218,7 @@ class RayContext(WorkerContext):
             self.sink.put.remote(event)
 
 
-def _task_main(
+def task_main(
     model: Any,
     cfg: TrainerConfig,
     shards: ShardSpec,
@@ -235,7 +233,7 @@ def _task_main(
     return run_loop(model, cfg, ctx, seed)
 
 
-def _train_main(config: dict[str, Any]) -> LoopResult | None:
+def train_main(config: dict[str, Any]) -> LoopResult | None:
     import ray.train
 
     from raytorch.cluster.compat import quiet_ray_loggers

@@ -9,23 +9,23 @@ and ``evaluate`` on top; a YAML dict validates through either with ``model_valid
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raytorch.core.errors import ConfigError
+from raytorch.core.hints import did_you_mean
 from raytorch.core.layout import Layout
 from raytorch.core.resolve import (
     OBJECTIVES,
-    _close,
-    _resolve_metric_refs,
     kwargs_problem,
     resolve_callable,
+    resolve_metric_refs,
     resolve_optimizer,
     resolve_scheduler,
 )
-from raytorch.core.resources import ComputeKwargs
+from raytorch.core.resources import ComputeKwargs, WorkerPlan, plan_workers
 from raytorch.core.signature import SIGNATURES, Signature
 from raytorch.core.stopping import EarlyStopping, Mode, default_mode, unknown_mode_message
 
@@ -432,9 +432,9 @@ class TrainerConfig(BaseModel):
                 "collate_fn": resolve_callable(self.collate_fn, "collate_fn"),
                 "optimizer_cls": resolve_optimizer(self.optimizer_cls),
                 "lr_scheduler": scheduler,
-                "metric_values": _resolve_metric_refs(self.metric_values),
-                "measures_train": _resolve_metric_refs(self.measures_train),
-                "measures_valid": _resolve_metric_refs(self.measures_valid),
+                "metric_values": resolve_metric_refs(self.metric_values),
+                "measures_train": resolve_metric_refs(self.measures_train),
+                "measures_valid": resolve_metric_refs(self.measures_valid),
                 "loader_kwargs": loader,
             }
         )
@@ -493,8 +493,9 @@ class TrainerConfig(BaseModel):
                 # A value a custom training_step/validation_step logs (checked when it runs).
                 return problems
             available = [f"{s}/{n}" for s, ns in names.items() for n in ns]
+            hint = did_you_mean(self.listen, available)
             problems.append(
-                f"listen={self.listen!r} is not a computed metric; {_close(self.listen, available)}"
+                f"listen={self.listen!r} is not a computed metric; {hint}"
                 f"choose one of {available}, add it to metric_values, or (a value a custom "
                 "training_step/validation_step logs) give mode='min' or 'max'"
             )
@@ -520,7 +521,7 @@ class TrainerConfig(BaseModel):
         spec = getattr(self, f"measures_{split}")
         if spec is None and split == "valid":
             spec = self.metric_values
-        return resolve_metrics(_resolve_metric_refs(spec))
+        return resolve_metrics(resolve_metric_refs(spec))
 
     def stopping(self) -> EarlyStopping:
         """The early-stopping rules, with the mode of the listened metric when not given."""
@@ -543,6 +544,20 @@ class TrainerConfig(BaseModel):
             threshold=self.stop_threshold,
             divergence_threshold=self.divergence_threshold,
             check_finite=self.check_finite,
+        )
+
+    def worker_plan(self, nodes: Sequence[Mapping[str, float]]) -> WorkerPlan:
+        """Each worker's resources on ``nodes``, checked to be placeable (``plan_workers``).
+
+        Raises:
+            ResourceError: the cluster can never hold the workers.
+        """
+        return plan_workers(
+            self.compute_kwargs,
+            nodes,
+            streaming=self.streaming,
+            storage_path=self.storage_path,
+            storage_shared=self.storage_shared,
         )
 
     def layout(self) -> Layout:

@@ -12,12 +12,50 @@ so ``except ValueError`` in existing code keeps working.
 
 from __future__ import annotations
 
+import importlib
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
 
 class RaytorchError(Exception):
-    """Base of every exception raytorch raises on purpose."""
+    """Base of every exception raytorch raises on purpose.
+
+    Crossing a process (a Ray task's result, an actor's record) it keeps its class, its message,
+    its attributes and its cause (``__cause__``, which pickling alone drops).
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = {
+            k: portable(v) if isinstance(v, BaseException) else v for k, v in vars(self).items()
+        }
+        return (_rebuild, (type(self), self.args, portable(self.__cause__), state))
+
+
+def _rebuild(
+    cls: type[RaytorchError], args: tuple[Any, ...], cause: BaseException | None, state: dict
+) -> RaytorchError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    if cause is not None:
+        error.__cause__ = cause
+    return error
+
+
+def portable(exc: BaseException | None) -> BaseException | None:
+    """``exc`` when it can cross a process (pickled by ``pickle`` or cloudpickle, as Ray does),
+    else a ``RuntimeError`` carrying its class name and message."""
+    if exc is None:
+        return None
+    for name in ("pickle", "cloudpickle"):
+        try:
+            module = pickle if name == "pickle" else importlib.import_module(name)
+            module.dumps(exc)
+            return exc
+        except Exception:
+            continue
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 class UserError(RaytorchError):
@@ -28,7 +66,16 @@ class RunError(RaytorchError):
     """A run failed after it started (exit 1)."""
 
 
+class WriteError(RunError, OSError):
+    """A file or directory could not be written (no space left, no permission, gone): the path
+    and the cause are named; nothing half-written is presented as complete."""
+
+
 # -- user errors
+
+
+class UsageError(UserError, TypeError):
+    """A function or class of raytorch called the wrong way (arguments it does not take)."""
 
 
 class ConfigError(UserError, ValueError):
@@ -116,26 +163,19 @@ class JobFileError(UserError, ValueError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{source}: {count}:\n{lines}")
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.source, self.problems))
-
 
 # -- run failures
 
 
 class _FailedWith(RunError, RuntimeError):
-    """A run failed with ``cause``: the original exception is the ``__cause__``, also after Ray
-    ships this error to the driver (pickling drops ``__cause__``, so it travels as an argument).
-    """
+    """A run failed with ``cause``: the original exception, as ``cause`` and ``__cause__`` (both
+    kept when the error crosses a process)."""
 
     def __init__(self, message: str, cause: BaseException | None = None) -> None:
         super().__init__(message)
         self.cause = cause
         if cause is not None:
             self.__cause__ = cause
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.cause))
 
 
 class TrainingError(_FailedWith):

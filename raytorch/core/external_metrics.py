@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from raytorch.core.metrics import Metric
+from raytorch.core.metric import Metric
 
 
 def is_metric_object(value: Any) -> bool:

@@ -12,6 +12,16 @@ def close_to(name: str, choices: Iterable[str]) -> str | None:
     return found[0] if found else None
 
 
+def did_you_mean(name: str, choices: Sequence[str]) -> str:
+    """``"did you mean 'a', 'b'? "`` for up to three close choices, or ``""``.
+
+    >>> did_you_mean("Adamm", ["Adam", "AdamW", "SGD"])
+    "did you mean 'Adam', 'AdamW'? "
+    """
+    matches = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    return f"did you mean {', '.join(repr(m) for m in matches)}? " if matches else ""
+
+
 def with_hints(keys: Iterable[str], choices: Sequence[str]) -> list[str]:
     """Each key quoted, with the closest choice if close: ``'lrr' (did you mean 'lr'?)``."""
     out = []

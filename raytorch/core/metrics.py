@@ -14,7 +14,6 @@ merged state is exactly what one process would compute over all the data (no mea
 
 from __future__ import annotations
 
-import abc
 import copy
 import itertools
 import math
@@ -23,6 +22,8 @@ from typing import Any
 
 import torch
 
+from raytorch.core.external_metrics import ExternalMetric, is_metric_class, is_metric_object
+from raytorch.core.metric import Metric
 from raytorch.core.stopping import Mode, default_mode, unknown_mode_message
 
 MetricFn = Callable[[Any, Any], Any]
@@ -100,37 +101,6 @@ def _aligned(targets: torch.Tensor, like: torch.Tensor, metric: str, what: str) 
         f"metric {metric!r}: {what} have shape {tuple(like.shape)} but targets have shape "
         f"{tuple(targets.shape)}; they must hold the same number of elements"
     )
-
-
-class Metric(abc.ABC):
-    """One metric: what a batch adds to its state, and the value of a state.
-
-    Subclass it for metrics that a per-batch mean cannot merge exactly (AUC, F1 over classes,
-    quantiles): keep sufficient statistics (e.g. a confusion matrix, a histogram) as the state.
-    States must be additive: the state of two sets of batches is the sum of their states.
-
-    Attributes:
-        name: the history key is ``f"{split}/{name}"``.
-        higher_is_better: gives early stopping its default mode (None: unknown, give a mode).
-        state_size: the length of the state vector.
-    """
-
-    name: str = ""
-    higher_is_better: bool | None = True
-    state_size: int = 2
-
-    @abc.abstractmethod
-    def update(self, outputs: Any, targets: Any, loss: torch.Tensor | None) -> torch.Tensor:
-        """This batch's contribution: a float64 CPU tensor of shape ``[state_size]``."""
-
-    @abc.abstractmethod
-    def compute(self, state: torch.Tensor) -> float:
-        """The metric's value for a (merged) state; NaN when the state holds no data."""
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(name={self.name!r}, higher_is_better={self.higher_is_better})"
-        )
 
 
 class _MeanMetric(Metric):
@@ -318,8 +288,6 @@ def _one(item: Any, name: str | None, where: str, problems: list[str]) -> Metric
         cls = item.__name__
         problems.append(f"{where} is the class {cls}; pass an instance: {cls}()")
         return None
-    from raytorch.core.external_metrics import ExternalMetric, is_metric_class, is_metric_object
-
     if is_metric_object(item):
         return ExternalMetric(item, name)
     if is_metric_class(item):
@@ -462,7 +430,7 @@ class MetricAccumulator:
         names = [getattr(m, "name", None) for m in self.metrics]
         for m, name in zip(self.metrics, names, strict=True):
             if not isinstance(m, Metric):
-                problems.append(f"{m!r} is not a raytorch.metrics.Metric; use resolve_metrics()")
+                problems.append(f"{m!r} is not a raytorch.Metric; use resolve_metrics()")
                 continue
             external = m.state_size == 0 and callable(getattr(m, "reset", None))
             if not isinstance(m.state_size, int) or (m.state_size < 1 and not external):

@@ -5,7 +5,6 @@ did-you-mean hint, and checked without calling anything it names.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 
 from raytorch.core.errors import ConfigError, ImportReferenceError
-from raytorch.core.hints import with_hints
+from raytorch.core.hints import did_you_mean, with_hints
 from raytorch.core.references import import_checked
 
 # Built-in objectives by name, so a job file can say objective: cross_entropy.
@@ -31,21 +30,36 @@ OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
 ELEMENTWISE_OBJECTIVES = ("mse", "l1", "smooth_l1", "bce_with_logits")
 
 
-def objective_shape_problem(objective: Any, outputs: Any, targets: Any) -> str | None:
-    """Why a built-in element-wise objective cannot compare ``outputs`` and ``targets``, or None.
+# Built-in objectives over class indices: integer targets, one per row (float targets of the
+# outputs' shape are class probabilities, also accepted).
+CLASS_INDEX_OBJECTIVES = ("cross_entropy", "nll")
+
+
+def objective_problem(objective: Any, outputs: Any, targets: Any) -> str | None:
+    """Why a built-in objective cannot compare ``outputs`` and ``targets``, or None: element-wise
+    ones need one shape (else torch broadcasts them into a loss that means nothing), class-index
+    ones need integer class indices.
 
     >>> import torch
-    >>> print(objective_shape_problem("mse", torch.zeros(4, 1), torch.zeros(4)))
+    >>> print(objective_problem("mse", torch.zeros(4, 1), torch.zeros(4)))
     ... # doctest: +ELLIPSIS
     objective='mse': the model's outputs have shape (4, 1) but the targets (4,); ...
     """
     if not isinstance(objective, str):  # a built-in given as (or resolved to) its function
         objective = next((k for k, fn in OBJECTIVES.items() if fn is objective), None)
-    if objective not in ELEMENTWISE_OBJECTIVES:
-        return None
     if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
         return None
-    if outputs.shape == targets.shape:
+    if objective in CLASS_INDEX_OBJECTIVES:
+        if targets.is_floating_point() and targets.shape != outputs.shape:
+            dtype = str(targets.dtype).replace("torch.", "")
+            return (
+                f"objective={objective!r}: the targets are {dtype}"
+                f" of shape {tuple(targets.shape)}, but class indices must be integers (one per "
+                "row); cast the target column to int64, or give class probabilities of the "
+                f"outputs' shape {tuple(outputs.shape)}"
+            )
+        return None
+    if objective not in ELEMENTWISE_OBJECTIVES or outputs.shape == targets.shape:
         return None
     try:
         broadcast = (
@@ -62,11 +76,6 @@ def objective_shape_problem(objective: Any, outputs: Any, targets: Any) -> str |
         f"objective={objective!r}: the model's outputs have shape {tuple(outputs.shape)} but the "
         f"targets {tuple(targets.shape)}; {broadcast} and the loss would mean nothing; {fix}"
     )
-
-
-def _close(name: str, choices: list[str]) -> str:
-    matches = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    return f"did you mean {', '.join(repr(m) for m in matches)}? " if matches else ""
 
 
 def resolve_callable(
@@ -96,7 +105,7 @@ def resolve_callable(
         names = sorted(builtins) if builtins else []
         choices = f"a built-in name ({', '.join(names)}) or " if names else ""
         raise ConfigError(
-            f"{field}={value!r} is not a callable; {_close(value, names)}use {choices}"
+            f"{field}={value!r} is not a callable; {did_you_mean(value, names)}use {choices}"
             "an import reference 'package.module:function'"
         )
     raise ConfigError(
@@ -147,12 +156,12 @@ def resolve_scheduler(spec: Any, field: str = "lr_scheduler") -> Any:
         for n, obj in vars(torch.optim.lr_scheduler).items()
         if isinstance(obj, type)
         and issubclass(obj, (base, plateau))
-        and obj not in (base, torch.optim.lr_scheduler._LRScheduler)
+        and obj is not base
         and not n.startswith("_")
     )
     if isinstance(spec, str) and spec in choices:
         return getattr(torch.optim.lr_scheduler, spec)
-    hint = _close(str(spec), choices)
+    hint = did_you_mean(str(spec), choices)
     raise ConfigError(
         f"{field}={spec!r} is not a scheduler in torch.optim.lr_scheduler; {hint}choose one of "
         f"{', '.join(choices)}, give an import reference 'package.module:Class', or a callable "
@@ -180,7 +189,7 @@ def resolve_optimizer(name: Any, field: str = "optimizer_cls") -> type[torch.opt
     )
     if isinstance(name, str) and name in choices:
         return getattr(torch.optim, name)
-    hint = _close(str(name), choices)
+    hint = did_you_mean(str(name), choices)
     raise ConfigError(
         f"{field}={name!r} is not an optimizer in torch.optim; {hint}choose one of "
         f"{', '.join(choices)}, or give an import reference 'package.module:Class'"
@@ -207,7 +216,7 @@ def _metric_instance(ref: Any, kwargs: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _resolve_metric_refs(spec: Any) -> Any:
+def resolve_metric_refs(spec: Any) -> Any:
     """Turn 'package.module:fn' strings inside a metric spec into callables (names stay names)."""
 
     def one(value: Any, where: str) -> Any:

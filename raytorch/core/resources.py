@@ -7,16 +7,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytorch.core.errors import PoolError, ResourceError
 from raytorch.core.hints import unknown_keys
-
-if TYPE_CHECKING:
-    from raytorch.core.config import TrainerConfig
 
 # ---------------------------------------------------------------------------------------------
 # Pure decisions
@@ -144,19 +141,33 @@ def pending_allowed() -> bool:
     return os.environ.get("RAYTORCH_ALLOW_PENDING") == "1"
 
 
-def plan_workers(cfg: TrainerConfig, nodes: Sequence[Mapping[str, float]]) -> WorkerPlan:
+def plan_workers(
+    compute: ComputeKwargs,
+    nodes: Sequence[Mapping[str, float]],
+    *,
+    streaming: bool = False,
+    storage_path: str = "runs/",
+    storage_shared: bool = False,
+) -> WorkerPlan:
     """Decide each worker's resources and check that the cluster can ever hold them all.
+
+    Args:
+        compute: the trainer's ``compute_kwargs``.
+        nodes: total resources of each alive node.
+        streaming: data is streamed through Ray Data beside the workers (keep a CPU for it).
+        storage_path, storage_shared: where run directories go (a local path cannot serve a
+            cluster of several nodes unless every node mounts it).
 
     Raises:
         ResourceError: one worker fits on no node, or all of them never fit at once.
     """
-    problem = storage_problem(cfg.storage_path, cfg.storage_shared, len(nodes))
+    problem = storage_problem(storage_path, storage_shared, len(nodes))
     if problem:
         raise ResourceError(problem)
-    n = cfg.compute_kwargs.num_workers
-    options = cfg.compute_kwargs.per_worker()
+    n = compute.num_workers
+    options = compute.per_worker()
     cpus = sum(node.get("CPU", 0.0) for node in nodes)
-    cpu_plan = plan_cpus(n, float(options["num_cpus"]), cpus, cfg.streaming)
+    cpu_plan = plan_cpus(n, float(options["num_cpus"]), cpus, streaming)
     options["num_cpus"] = cpu_plan.num_cpus
     plan = WorkerPlan(n, options, cpu_plan.message)
     request = resource_request(options)
@@ -165,7 +176,7 @@ def plan_workers(cfg: TrainerConfig, nodes: Sequence[Mapping[str, float]]) -> Wo
     problem = unschedulable(request, list(nodes))
     if problem:
         raise ResourceError(problem)
-    placement = placement_problem(cfg.compute_kwargs.placement_strategy, n, request, nodes)
+    placement = placement_problem(compute.placement_strategy, n, request, nodes)
     if placement and n > 1:
         raise ResourceError(placement)
     fit = placeable(request, nodes)
@@ -356,6 +367,7 @@ class PoolPlan:
     num_gpus: float
     threads: int
     reason: str
+    actor: dict[str, Any] = field(default_factory=dict)  # Ray options of each actor
 
 
 def plan_pool(

@@ -1,6 +1,23 @@
-"""Layer 4: job files (YAML), overrides, and the ``raytorch`` command."""
+"""Layer 4: job files (YAML), overrides, running them, ``raytorch submit``, and the ``raytorch``
+command."""
 
-from raytorch.core.errors import JobFileError
-from raytorch.jobs.files import PredictJob, TrainJob, load_job
+from __future__ import annotations
 
-__all__ = ["JobFileError", "PredictJob", "TrainJob", "load_job"]
+from typing import TYPE_CHECKING
+
+from raytorch.core.lazy import face
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from raytorch.jobs.cli import main
+    from raytorch.jobs.files import JobFileError, PredictJob, TrainJob, job_from_dict, load_job
+    from raytorch.jobs.run import run_predict, run_train
+
+# What the layers above may use, by module (imported on first use).
+__all__, __getattr__, __dir__ = face(
+    __name__,
+    {
+        "cli": ["main"],
+        "files": ["JobFileError", "PredictJob", "TrainJob", "job_from_dict", "load_job"],
+        "run": ["run_predict", "run_train"],
+    },
+)

@@ -52,7 +52,7 @@ def _text(value: Any) -> str:
 
 def _read_json(path: str) -> tuple[dict[str, Any] | None, str | None]:
     """(the object, None), (None, None) when absent, or (None, why it is unreadable)."""
-    from raytorch.engine.fs import read_bytes
+    from raytorch.engine.io import read_bytes
 
     try:
         raw = read_bytes(path)
@@ -79,7 +79,7 @@ def _mtime(path: str) -> str:
 
 def read_run(path: str) -> RunInfo | None:
     """The row of one run directory, or None when it is no raytorch run directory."""
-    from raytorch.engine.fs import is_uri, join
+    from raytorch.engine.io import is_uri, join
 
     name = path.rstrip("/").rsplit("/", 1)[-1]
     result, problem = _read_json(join(path, "result.json"))
@@ -153,7 +153,7 @@ def scan_runs(directory: str) -> list[RunInfo]:
     """
     from pyarrow import fs
 
-    from raytorch.engine.fs import is_uri, resolve
+    from raytorch.engine.io import is_uri, resolve
 
     own = read_run(directory)
     if own is not None:
@@ -228,7 +228,7 @@ def find_run(run: str, directory: str = "runs") -> str:
     Raises:
         ConfigError: no such run, or a prefix that names several.
     """
-    from raytorch.engine.fs import is_uri
+    from raytorch.engine.io import is_uri
 
     if is_uri(run) or Path(run).is_dir():
         return run
@@ -271,7 +271,7 @@ def config_differences(run_dir: str) -> list[str]:
     """How the run's configuration differs from its job file as that file reads now (the
     command line's overrides, and any edit since), or, for a run started from Python, from
     the trainer's defaults."""
-    from raytorch.engine.fs import join, read_bytes
+    from raytorch.engine.io import join, read_bytes
 
     raw = read_bytes(join(run_dir, "job.yaml"))
     if raw is None:
@@ -306,7 +306,7 @@ def config_differences(run_dir: str) -> list[str]:
 
 
 def _differences_from_defaults(run_dir: str) -> list[str]:
-    from raytorch.engine.fs import join
+    from raytorch.engine.io import join
 
     result, _ = _read_json(join(run_dir, "result.json"))
     config = result.get("config") if result else None
@@ -334,7 +334,7 @@ def show_lines(run_dir: str) -> list[str]:
     """The summary of one run, as ``raytorch show`` prints it."""
     from pyarrow import fs
 
-    from raytorch.engine.fs import join, resolve
+    from raytorch.engine.io import join, resolve
 
     row = read_run(run_dir)
     if row is None:

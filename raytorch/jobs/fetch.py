@@ -77,7 +77,7 @@ def fetch_run(client: Any, run_dir: str, dest: str | Path) -> Path:
 
 
 def _copy_from_store(uri: str, staged: Path) -> None:
-    from raytorch.engine.fs import check_store, download_dir
+    from raytorch.engine.io import check_store, download_dir
 
     check_store(uri, "run directory")
     download_dir(uri, staged)

@@ -2,7 +2,7 @@
 
 A job file names the model (an import reference plus arguments, or a saved model directory), the
 data (a parquet path/URI, or an import reference to a function that returns data), the trainer
-(validated by :class:`raytorch.trainer.TorchTrainer` itself) or the prediction options, and where
+(validated by :class:`raytorch.TorchTrainer` itself) or the prediction options, and where
 outputs go. Files are read with ``yaml.safe_load`` only; strings are imported, never evaluated.
 
 Modules next to the job file (``jobs/digits.py`` for ``jobs/train_digits.yaml``) are importable by
@@ -37,6 +37,7 @@ from pydantic import (
 from raytorch.cluster.trainer import TorchTrainer
 from raytorch.core.errors import ImportReferenceError, JobFileError
 from raytorch.core.hints import with_hints
+from raytorch.core.predict_config import PredictConfig
 from raytorch.core.references import import_checked
 
 Echo = Callable[[str], None]
@@ -177,23 +178,6 @@ class PredictOutput(_Strict):
     predictions: str | None = None
 
 
-class PredictOptions(_Strict):
-    """Options of :func:`raytorch.predict`; None leaves its default (see its docstring)."""
-
-    key: str | list[str] | dict[str, str]
-    id_column: str | None = None
-    carry_columns: list[str] = Field(default_factory=list)
-    batch_size: int | None = Field(default=None, gt=0)
-    concurrency: int | None = Field(default=None, gt=0)
-    compute_kwargs: dict[str, Any] | None = None
-    strict: bool = False
-    errors_output: str | None = None
-    flatten: bool | None = None
-    prediction_column: str | None = None
-    unit_rows: int | None = Field(default=None, gt=0)
-    num_threads: int | None = Field(default=None, gt=0)
-
-
 class _Job(_Strict):
     name: str = Field(pattern=r"^[\w.-]+$")
     # Directories put on sys.path before anything is imported, relative to the job file.
@@ -227,7 +211,7 @@ class PredictJob(_Job):
 
     kind: Literal["predict"] = "predict"
     data: DataSource
-    predict: PredictOptions
+    predict: PredictConfig
     output: PredictOutput = Field(default_factory=PredictOutput)
 
 
@@ -501,10 +485,10 @@ def _check_arguments(target: Any, ref: str, args: Sequence[Any], kwargs: Mapping
     A ``@torchmodel`` class takes TorchModel options (``preprocess=``, ...) besides the
     constructor's own arguments.
     """
-    from raytorch.engine.decorator import _OPTION_FIELDS
+    from raytorch.engine.model import OPTION_FIELDS
 
     wrapped = getattr(target, "__wrapped__", None)
-    own = {k: v for k, v in kwargs.items() if wrapped is None or k not in _OPTION_FIELDS}
+    own = {k: v for k, v in kwargs.items() if wrapped is None or k not in OPTION_FIELDS}
     try:
         signature = inspect.signature(wrapped or target)
     except (TypeError, ValueError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
@@ -15,6 +14,7 @@ from typing import Any
 import yaml
 
 from raytorch.core.references import import_checked
+from raytorch.engine.tracking import new_run_name
 from raytorch.jobs.files import Echo, Job, ModelSpec, PredictJob, TrainJob, python_path
 
 
@@ -84,12 +84,6 @@ def build_model(spec: ModelSpec, default_identifier: str) -> Any:
     )
 
 
-def new_run_name(name: str) -> str:
-    """``<name>-<UTC time>-<random>``: unique and sortable; never resumes an old run by accident."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{name}-{stamp}-{secrets.token_hex(3)}"
-
-
 def write_resolved(job: Job, run_dir: Path) -> Path:
     """Write the job as run (file + overrides) to ``run_dir/job.yaml``; re-runnable as is."""
     config = dict(job._raw)
@@ -122,7 +116,7 @@ def _job_session(job: Job, address: str | None, echo: Echo) -> Iterator[None]:
     """The job's modules importable and shipped by value, and Ray joined or started, for one
     run; the caller's ``sys.path`` and pickling rules are restored after it."""
     from raytorch.cluster.session import ensure_ray
-    from raytorch.engine.fs import stores_checked
+    from raytorch.engine.io import stores_checked
 
     # Before Ray starts: a wrong endpoint should cost seconds (the run does not check them again).
     with stores_checked(**job_stores(job)), python_path(job._base_dir, job.python_path):
@@ -147,7 +141,7 @@ def run_train(job: TrainJob, *, address: str | None = None, echo: Echo = print) 
 
 
 def _run_train(job: TrainJob, echo: Echo) -> Any:
-    from raytorch.engine.fs import join, lasting_path
+    from raytorch.engine.io import join, lasting_path
 
     trainer = job.trainer
     if trainer.run_name is None:
@@ -193,8 +187,8 @@ def run_predict(job: PredictJob, *, address: str | None = None, echo: Echo = pri
 
 
 def _run_predict(job: PredictJob, echo: Echo) -> Any:
-    from raytorch.cluster.inference import predict
-    from raytorch.engine.fs import lasting_path
+    from raytorch.cluster.inference import predict_with
+    from raytorch.engine.io import lasting_path
 
     run_dir = Path(lasting_path(str(job.output.dir))) / new_run_name(job.name)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -205,12 +199,7 @@ def _run_predict(job: PredictJob, echo: Echo) -> Any:
     output = lasting_path(job.output.predictions) if job.output.predictions else None
     output = output or str(run_dir / "predictions")
     echo(f"predicting {job.name}: run directory {run_dir}")
-    summary = predict(
-        model,
-        data,
-        output,
-        **job.predict.model_dump(exclude_none=True),
-    )
+    summary = predict_with(model, data, output, job.predict)
     record = {"status": "completed", "started_at": started_at, **summary.model_dump()}
     (run_dir / "summary.json").write_text(json.dumps(record, indent=2))
     echo(
@@ -243,8 +232,9 @@ def local_nodes() -> list[dict[str, float]]:
 def check_resources(job: Job, nodes: Sequence[Mapping[str, float]]) -> tuple[list[str], list[str]]:
     """Problems (the job could never run, or would hang) and notes for ``job`` on ``nodes``.
 
-    Asks the same planners the run uses (``plan_workers`` for training, ``plan_pool`` for
-    inference), so a job that passes here is not refused later for its resources. Pure.
+    Asks the same planners the run uses (the trainer's ``worker_plan`` for training,
+    ``plan_actor_pool`` for inference), so a job that passes here is not refused later for its
+    resources. Pure.
 
     Args:
         job: a validated job.
@@ -253,16 +243,14 @@ def check_resources(job: Job, nodes: Sequence[Mapping[str, float]]) -> tuple[lis
     Returns:
         (problems, notes): lines naming the job-file field.
     """
-    from raytorch.core.errors import ResourceError
-    from raytorch.core.resources import resource_request, unschedulable
+    from raytorch.core.errors import PoolError, ResourceError
+    from raytorch.core.predict_config import plan_actor_pool
 
     problems: list[str] = []
     notes: list[str] = []
     if isinstance(job, TrainJob):
-        from raytorch.core.resources import plan_workers
-
         try:
-            plan = plan_workers(job.trainer, list(nodes))
+            plan = job.trainer.worker_plan(list(nodes))
         except ResourceError as exc:
             problems.append(f"trainer.{exc}")
         else:
@@ -271,29 +259,31 @@ def check_resources(job: Job, nodes: Sequence[Mapping[str, float]]) -> tuple[lis
             if plan.message:
                 notes.append(f"trainer.{plan.message}")
         return problems, notes
-
-    from raytorch.core.errors import PoolError
-    from raytorch.core.resources import plan_pool
-
-    compute = dict(job.predict.compute_kwargs or {})
     try:
-        pool = plan_pool(
-            cluster_cpus=sum(n.get("CPU", 0.0) for n in nodes),
-            cluster_gpus=sum(n.get("GPU", 0.0) for n in nodes),
-            node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=0.0),
-            concurrency=job.predict.concurrency,
-            compute_kwargs=compute,
-            num_threads=job.predict.num_threads,
-        )
-    except PoolError as exc:
+        pool = plan_actor_pool(job.predict, list(nodes), model_compute_kwargs(job.model))
+    except (PoolError, ResourceError) as exc:
         problems.append(f"predict.{exc}")
         return problems, notes
     notes.append(f"predict: {pool.reason}")
-    per_actor = {**compute, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
-    problem = unschedulable(resource_request(per_actor), list(nodes), "predict.compute_kwargs")
-    if problem:
-        problems.append(problem)
     return problems, notes
+
+
+def model_compute_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """The ``compute_kwargs`` the job's model carries, known without building it: a
+    ``@torchmodel`` class's option, or what a saved model's ``model.json`` records (read and
+    type-checked, nothing imported)."""
+    if spec.class_ is not None:
+        found = spec.kwargs.get("compute_kwargs")
+        return dict(found) if isinstance(found, Mapping) else {}
+    if spec.path is None or "://" in spec.path:
+        return {}
+    manifest = Path(spec.path) / "model.json"
+    try:
+        config = json.loads(manifest.read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    found = config.get("compute_kwargs") if isinstance(config, dict) else None
+    return dict(found) if isinstance(found, dict) else {}
 
 
 def job_stores(job: Job) -> dict[str, str]:

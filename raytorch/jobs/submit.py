@@ -94,7 +94,7 @@ class Naming:
 def name_submission(job: Any, job_file: str) -> Naming:
     """Decide a training job's run name here, so the Ray job, its metadata and the run
     directory share it; a prediction job is named after the job."""
-    from raytorch.jobs.run import new_run_name
+    from raytorch.engine.tracking import new_run_name
 
     metadata = {"raytorch.kind": job.kind, "raytorch.job_file": job_file}
     if job.kind != "train":
@@ -107,7 +107,7 @@ def name_submission(job: Any, job_file: str) -> Naming:
     storage = str(trainer.storage_path)
     if "://" not in storage and not Path(storage).expanduser().is_absolute():
         # The job runs in a temporary copy of the working directory; a relative path is put
-        # under RAYTORCH_STORAGE_PATH there (raytorch.engine.fs.lasting_path).
+        # under RAYTORCH_STORAGE_PATH there (raytorch.engine.io.fs.lasting_path).
         storage = f"$RAYTORCH_STORAGE_PATH (default ~/raytorch_runs)/{storage.strip('/')}"
     run_dir = f"{storage.rstrip('/')}/{run_name}"
     metadata.update({"raytorch.run_name": run_name, "raytorch.storage_path": storage})

@@ -130,7 +130,7 @@ def test_a_users_dataset_runs_quiet_in_raytorch_and_keeps_its_own_settings(ray_l
     import ray.data
 
     from raytorch.cluster.compat import quiet_dataset
-    from raytorch.cluster.sources import to_dataset
+    from raytorch.cluster.sources import quiet_input
 
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_progress_bars
@@ -139,7 +139,7 @@ def test_a_users_dataset_runs_quiet_in_raytorch_and_keeps_its_own_settings(ray_l
         users = ray.data.range(10).map_batches(lambda b: {"id": b["id"] * 2})
     finally:
         ctx.enable_progress_bars = saved
-    ours = to_dataset(users)
+    ours = quiet_input(users)
     assert ours is not users and not ours.context.enable_progress_bars
     assert not quiet_dataset(users).context.print_on_execution_start
     assert users.context.enable_progress_bars  # the user's object is untouched

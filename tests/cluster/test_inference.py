@@ -24,9 +24,8 @@ from raytorch.core.errors import (
     RowError,
 )
 from raytorch.core.resources import plan_pool
-from raytorch.engine import arrow as _arrow
+from raytorch.engine.infer import PredictProgress
 from raytorch.engine.model import TorchModel
-from raytorch.engine.predict_report import PredictProgress
 
 DIM = 4
 POISON = 1000.0  # feature value that makes CrashingNet crash while its marker file exists
@@ -340,28 +339,3 @@ def test_plan_pool(cpus, gpus, concurrency, compute, expected):
     plan = plan_pool(cpus, gpus, cpus, concurrency, compute)
     assert (plan.size, plan.num_cpus, plan.num_gpus, plan.threads) == expected
     assert plan.size * plan.num_cpus <= cpus - min(1, cpus / 2)
-
-
-def test_column_values_reshape_without_object_arrays():
-    fsl = _fsl(np.arange(12, dtype=np.float32).reshape(4, 3))
-    masked = pa.FixedSizeListArray.from_arrays(
-        pa.array(np.arange(12, dtype=np.float32)), 3, mask=pa.array([False, True, False, False])
-    )
-    values, nulls = _arrow.column_values(pa.chunked_array([masked.slice(1)]))
-    assert values.shape == (3, 3) and values[1].tolist() == [6, 7, 8]  # rows keep their place
-    assert nulls.tolist() == [True, False, False]
-    values, _ = _arrow.column_values(fsl)
-    assert values.dtype == np.float32 and values.shape == (4, 3)
-    values, _ = _arrow.column_values(pa.array([[1.0, 2.0], [3.0, 4.0]]))
-    assert values.shape == (2, 2) and values.dtype == np.float64
-    ragged, _ = _arrow.column_values(pa.array([[1.0], [2.0, 3.0]]))
-    assert ragged.dtype == object and ragged[1].tolist() == [2.0, 3.0]
-
-
-def test_nd_outputs_become_nested_fixed_size_lists():
-    out = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
-    col = _arrow.batch_columns(out, "p")["p"]
-    assert col.type == pa.list_(pa.list_(pa.float32(), 4), 3)
-    np.testing.assert_array_equal(np.asarray(col.flatten().flatten()).reshape(-1, 3, 4), out)
-    rows = _arrow.row_columns([out[0], None, out[1]], "p")["p"]
-    assert rows.type == col.type and rows.null_count == 1

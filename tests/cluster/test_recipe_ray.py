@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raytorch.core.errors import TrainingError
-from raytorch.engine.checkpoints import read_meta
+from raytorch.engine.train import read_meta
 from tests._digits import digits_rows, small_trainer
 from tests._flaky import flaky_model, ship_by_value
 

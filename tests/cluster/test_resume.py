@@ -17,15 +17,16 @@ import torch
 from raytorch.cluster.trainer import TorchTrainer
 from raytorch.core.config import TrainerConfig
 from raytorch.core.errors import CheckpointError, TrainingError
-from raytorch.engine.checkpoints import (
+from raytorch.engine.train import (
+    InProcessContext,
+    TensorBatches,
     latest_checkpoint,
     load_resume,
     read_meta,
     resolve_resume,
+    run_loop,
     save_checkpoint,
 )
-from raytorch.engine.context import InProcessContext, TensorBatches
-from raytorch.engine.loop import run_loop
 from tests._digits import digits_rows, small_trainer
 from tests._flaky import flaky_model, ship_by_value
 

@@ -14,8 +14,8 @@ import pytest
 
 from raytorch.cluster.unit_pool import UnitPool
 from raytorch.core.errors import ConfigError, PoolError
+from raytorch.core.units import Unit
 from raytorch.core.work_queue import MAX_ATTEMPTS
-from raytorch.engine.parts import Unit
 
 
 def _units(n: int) -> list[Unit]:

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from raytorch.core.live import PredictDisplay, Rate, TrainDisplay, duration, live_wanted
-from raytorch.engine.predict_report import PredictProgress, _Tracker, progress_line
+from raytorch.engine.infer import PredictProgress, ProgressTracker, progress_line
 
 
 def _console():
@@ -37,7 +37,7 @@ def test_rate_counts_from_the_first_update_so_start_up_is_not_a_rate():
 
 
 def test_the_first_inference_line_gives_no_eta_from_start_up():
-    tracker = _Tracker(rows_total=4_000_000, units_total=40, rows_before=0)
+    tracker = ProgressTracker(rows_total=4_000_000, units_total=40, rows_before=0)
     first = tracker.update(100_000, 1)
     assert first.eta_s is None and "left" not in progress_line(first)
 

@@ -137,7 +137,7 @@ def test_show_reports_overrides_and_edits_of_the_job_file_since_the_run(tmp_path
 
 def test_a_finished_run_whose_recorded_history_was_edited_is_refused_by_name(tmp_path):
     from raytorch.core.errors import CheckpointError
-    from raytorch.engine.runs import load_finished, read_result
+    from raytorch.engine.tracking import load_finished, read_result
     from tests._digits import mlp
 
     run = _train(tmp_path, "edited", history={"iteration": [0, "ten"]})

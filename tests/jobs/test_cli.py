@@ -260,8 +260,8 @@ def test_a_submitted_training_job_is_named_after_its_run(tmp_path):
 def test_inside_a_ray_job_a_relative_storage_path_lands_outside_the_temporary_copy(
     tmp_path, monkeypatch
 ):
-    from raytorch.engine.fs import lasting_path
-    from raytorch.engine.runs import _storage_path
+    from raytorch.engine.io import lasting_path
+    from raytorch.engine.tracking import storage_root
 
     copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
     copy.mkdir(parents=True)
@@ -273,7 +273,7 @@ def test_inside_a_ray_job_a_relative_storage_path_lands_outside_the_temporary_co
     assert lasting_path("s3://bucket/runs") == "s3://bucket/runs"
     assert lasting_path(str(tmp_path / "abs")) == str(tmp_path / "abs")
     # The trainer's storage resolves there, outside Ray's copy, and says so.
-    assert _storage_path("runs/") == str(tmp_path / "kept" / "runs")
+    assert storage_root("runs/") == str(tmp_path / "kept" / "runs")
     assert not (copy / "runs").exists()
     monkeypatch.chdir(tmp_path)  # a job started from a directory of the user's own
     assert lasting_path("runs/") == "runs/"

@@ -12,11 +12,11 @@ import torch
 import yaml
 
 from raytorch.core.errors import JobFileError
+from raytorch.core.predict_config import PredictConfig
 from raytorch.engine.model import TorchModel
 from raytorch.jobs.files import (
     DataSource,
     PredictJob,
-    PredictOptions,
     TrainJob,
     apply_overrides,
     job_from_dict,
@@ -238,7 +238,7 @@ def test_predict_options_mirror_raytorch_predict() -> None:
     from raytorch.cluster.inference import predict
 
     parameters = inspect.signature(predict).parameters
-    assert set(PredictOptions.model_fields) <= set(parameters)
+    assert set(PredictConfig.model_fields) <= set(parameters)
 
 
 def test_resolved_job_file_reruns_the_same_job(tmp_path: Path) -> None:

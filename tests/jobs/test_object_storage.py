@@ -107,7 +107,7 @@ def _digits_table(rows: list[dict]) -> pa.Table:
 
 def test_train_and_predict_with_every_path_on_s3(s3, tmp_path):
     from raytorch.engine.model import TorchModel
-    from raytorch.engine.runs import read_result
+    from raytorch.engine.tracking import read_result
     from raytorch.jobs.browse import scan_runs, show_lines
     from raytorch.jobs.files import python_path
     from tests._digits import digits_rows
@@ -167,7 +167,7 @@ def test_train_and_predict_with_every_path_on_s3(s3, tmp_path):
 
 
 def _read(uri: str) -> bytes | None:
-    from raytorch.engine.fs import read_bytes
+    from raytorch.engine.io import read_bytes
 
     return read_bytes(uri)
 
@@ -183,13 +183,13 @@ def test_a_missing_bucket_or_object_is_named_with_its_cause(s3):
 
 
 def test_a_half_written_or_damaged_checkpoint_on_s3_is_never_resumed_from(s3, tmp_path, caplog):
-    from raytorch.engine.checkpoints import (
+    from raytorch.engine.io import upload_dir
+    from raytorch.engine.train import (
         RESUME_FORMAT,
         latest_checkpoint,
         load_resume,
         write_resume_dir,
     )
-    from raytorch.engine.fs import upload_dir
 
     run = "s3://bkt/half/run"
     for iteration in (10, 20, 30):
@@ -232,7 +232,7 @@ def test_a_two_worker_fit_on_s3_recovers_exactly_from_a_killed_worker(s3):
 
 
 def read_result_status(run_dir: str) -> str | None:
-    from raytorch.engine.runs import read_result
+    from raytorch.engine.tracking import read_result
 
     summary = read_result(run_dir)
     return None if summary is None else summary["status"]
@@ -290,7 +290,7 @@ def test_a_predict_whose_driver_is_killed_and_rerun_writes_each_row_once(s3, tmp
 def test_storage_errors_name_the_field_the_uri_and_the_cause(s3, monkeypatch):
     """Before anything runs: a missing bucket, denied credentials, an endpoint nobody answers."""
     from raytorch.core.errors import StorageError
-    from raytorch.engine.fs import check_store
+    from raytorch.engine.io import check_store
 
     with pytest.raises(StorageError, match=r"storage_path='s3://nope/runs': bucket 'nope' does"):
         check_store("s3://nope/runs", "storage_path")
@@ -361,7 +361,7 @@ def test_a_job_submitted_with_s3_paths_writes_there_and_is_fetched_from_there(s3
 def test_stores_checked_once_are_not_checked_again_inside_the_block(s3, monkeypatch):
     """The CLI checks a job's stores before Ray starts; the run inside does not repeat them."""
     from raytorch.core.errors import StorageError
-    from raytorch.engine.fs import check_store, stores_checked
+    from raytorch.engine.io import check_store, stores_checked
 
     with stores_checked(data=["s3://bkt/a"]):
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # now dead

@@ -1,0 +1,81 @@
+"""A training run as the driver keeps it: its result, its run directory, its learning curve, its
+loggers and the monitor that feeds them while it runs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from raytorch.core.lazy import face
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from raytorch.engine.tracking.curve import (
+        plot_learning_curve,
+    )
+    from raytorch.engine.tracking.directory import (
+        is_finished,
+        load_finished,
+        new_run_name,
+        read_result,
+        run_dir_of,
+        storage_root,
+        write_failed,
+        write_run_dir,
+    )
+    from raytorch.engine.tracking.loggers import (
+        LOGGERS,
+        LoggerHub,
+        MlflowLogger,
+        RunLogger,
+        TensorBoardLogger,
+        missing_extras,
+        open_loggers,
+    )
+    from raytorch.engine.tracking.monitor import (
+        TrainMonitor,
+    )
+    from raytorch.engine.tracking.result import (
+        FINISHED,
+        RunStatus,
+        TrainingResult,
+        status_of,
+        steady_timings,
+    )
+
+# What the layers above may use, by module (imported on first use).
+__all__, __getattr__, __dir__ = face(
+    __name__,
+    {
+        "curve": [
+            "plot_learning_curve",
+        ],
+        "directory": [
+            "is_finished",
+            "load_finished",
+            "new_run_name",
+            "read_result",
+            "run_dir_of",
+            "storage_root",
+            "write_failed",
+            "write_run_dir",
+        ],
+        "loggers": [
+            "LOGGERS",
+            "LoggerHub",
+            "MlflowLogger",
+            "RunLogger",
+            "TensorBoardLogger",
+            "missing_extras",
+            "open_loggers",
+        ],
+        "monitor": [
+            "TrainMonitor",
+        ],
+        "result": [
+            "FINISHED",
+            "RunStatus",
+            "TrainingResult",
+            "status_of",
+            "steady_timings",
+        ],
+    },
+)
