@@ -4,7 +4,7 @@ Shards: in-memory training (the default) materialises the data on the driver and
 worker an exact, disjoint part, so no Ray Data work runs beside the workers. Streaming
 (``data_prefetch=True``) gives Ray Train the dataset (``get_dataset_shard``) or, for one worker,
 the task the dataset itself; ``plan_cpus`` then keeps a CPU free for Ray Data's read tasks.
-Validation data is always split exactly (``raytorch.data.split_exact``).
+Validation data is always split exactly (``DatasetRows.parts``: no row dropped or repeated).
 
 Progress: workers put lines into a small zero-CPU actor that a driver thread drains into the
 ``raytorch`` logger, the same way for 1 and N workers.

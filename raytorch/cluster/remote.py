@@ -15,16 +15,14 @@ from raytorch.core.resources import task_options
 if TYPE_CHECKING:
     import ray
 
-    from raytorch.engine.model import OnError, TorchModel
 
-
-def _predict_batches_task(model: TorchModel, items: Sequence[Any], on_error: OnError) -> list[Any]:
+def _predict_batches_task(model: Any, items: Sequence[Any], on_error: str) -> list[Any]:
     """Body of the Ray task: the model's own ``predict_batches`` in the task's process."""
     return model.predict_batches(items, on_error=on_error)
 
 
 def submit_predict_batches(
-    model: TorchModel, items: Sequence[Any], on_error: OnError = "raise"
+    model: Any, items: Sequence[Any], on_error: str = "raise"
 ) -> ray.ObjectRef:
     """Start Ray if needed, check the request can ever run, and submit the task.
 
@@ -40,9 +38,7 @@ def submit_predict_batches(
     return task.remote(model.for_shipping(), items, on_error)
 
 
-def predict_batches_on_ray(
-    model: TorchModel, items: Sequence[Any], on_error: OnError = "raise"
-) -> list[Any]:
+def predict_batches_on_ray(model: Any, items: Sequence[Any], on_error: str = "raise") -> list[Any]:
     """:meth:`TorchModel.predict_batches` run in a Ray task; its outputs, in input order."""
     import ray
 

@@ -25,10 +25,6 @@ def _where(path: str) -> str:
     return f" at {path}" if path else ""
 
 
-def _is_namedtuple(value: Any) -> bool:
-    return isinstance(value, tuple) and hasattr(value, "_fields")
-
-
 def _unbatchable(value: Any, path: str) -> BatchError:
     if value is None:
         return BatchError(

@@ -2,7 +2,7 @@
 
 ``TrainerConfig`` carries every field of SuperDuperDB's ``TorchTrainer`` and of mlr3torch's
 learner parameters, either as a field or, where Ray replaces the concept, as a documented error
-that says what to use instead (see ``_REPLACED``). ``raytorch.trainer.TorchTrainer`` adds ``fit``
+that says what to use instead (see ``_REPLACED``). ``raytorch.TorchTrainer`` adds ``fit``
 and ``evaluate`` on top; a YAML dict validates through either with ``model_validate``.
 """
 
@@ -26,7 +26,7 @@ from raytorch.core.resolve import (
     resolve_scheduler,
 )
 from raytorch.core.resources import ComputeKwargs, WorkerPlan, plan_workers
-from raytorch.core.signature import SIGNATURES, Signature
+from raytorch.core.signature import Signature
 from raytorch.core.stopping import EarlyStopping, Mode, default_mode, unknown_mode_message
 
 # Keys from SuperDuperDB, mlr3torch or torch's DataLoader that raytorch replaces: key -> the fix.
@@ -102,7 +102,7 @@ LoggerName = Literal["csv", "tensorboard", "mlflow"]
 
 
 class LoaderOptions(BaseModel):
-    """DataLoader-style options (the seed's ``loader_kwargs``; mlr3torch's dataloader parameters).
+    """DataLoader-style options (SuperDuperDB's ``loader_kwargs``, mlr3torch's dataloader ones).
 
     ``collate_fn`` receives the Ray Data batch as a ``pyarrow.Table`` of the selected columns and
     returns ``(inputs, targets)`` (or just the inputs when ``key`` names no targets), instead of a
@@ -129,7 +129,7 @@ class LoaderOptions(BaseModel):
         if isinstance(data, Mapping):
             bad = [f"loader_kwargs.{k}: {fix}" for k, fix in _LOADER_REPLACED.items() if k in data]
             if bad:
-                raise ValueError("; ".join(bad))
+                raise ConfigError("; ".join(bad))
         return data
 
 
@@ -190,7 +190,7 @@ class TrainerConfig(BaseModel):
     prefetch_size: int = Field(
         1000, ge=0, description="rows in the local shuffle buffer when streaming (0: no buffer)"
     )
-    # 4, not the seed's 100: Ray prefetches whole blocks already, more batches only cost memory.
+    # 4, not SuperDuperDB's 100: Ray prefetches whole blocks already, more batches only cost memory.
     prefetch_factor: int = Field(4, ge=0, description="batches Ray Data prepares ahead")
     in_memory: bool | Literal["device"] | None = Field(
         None,
@@ -339,7 +339,7 @@ class TrainerConfig(BaseModel):
                 else:
                     data[canonical] = data.pop(alias)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
         return data
 
     @model_validator(mode="after")
@@ -407,7 +407,7 @@ class TrainerConfig(BaseModel):
             )
         problems += self._metric_problems()
         if problems:
-            raise ValueError("\n".join(problems))
+            raise ConfigError("\n".join(problems))
         return self
 
     def resolved(self) -> TrainerConfig:
@@ -581,6 +581,3 @@ class TrainerConfig(BaseModel):
     @property
     def batch_size(self) -> int:
         return self.loader_kwargs.batch_size
-
-
-SIGNATURE_CHOICES = SIGNATURES

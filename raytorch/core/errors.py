@@ -75,7 +75,8 @@ class WriteError(RunError, OSError):
 
 
 class UsageError(UserError, TypeError):
-    """A function or class of raytorch called the wrong way (arguments it does not take)."""
+    """A function or class of raytorch called the wrong way: arguments it does not take, or a
+    value of a type it cannot use (a dict where a tensor must be, a factory returning a list)."""
 
 
 class ConfigError(UserError, ValueError):

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from raytorch.core.errors import ConfigError
 from raytorch.core.metric import Metric
 
 
@@ -64,7 +65,7 @@ class ExternalMetric(Metric):
         value = self.obj.compute()  # torchmetrics syncs every rank's state here
         tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
         if tensor.numel() != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"metric {self.name!r} computed shape {tuple(tensor.shape)}; metrics must give one "
                 "number (e.g. average='macro' for a per-class metric)"
             )

@@ -20,8 +20,6 @@ from typing import Any, TextIO
 
 logger = logging.getLogger("raytorch")
 
-MODES = ("auto", "live", "plain")
-
 
 def live_wanted(stream: TextIO | None = None) -> bool:
     """True when progress should be drawn live: ``RAYTORCH_PROGRESS``, else whether ``stream``

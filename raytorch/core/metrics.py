@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from raytorch.core.errors import ConfigError, UsageError
 from raytorch.core.external_metrics import ExternalMetric, is_metric_class, is_metric_object
 from raytorch.core.metric import Metric
 from raytorch.core.stopping import Mode, default_mode, unknown_mode_message
@@ -76,7 +77,7 @@ def batch_rows(outputs: Any, targets: Any) -> int:
         tensor = _first_tensor(part)
         if tensor is not None:
             return int(tensor.shape[0]) if tensor.ndim else 1
-    raise TypeError(
+    raise UsageError(
         f"cannot count the rows of a batch whose targets ({type(targets).__name__}) and outputs "
         f"({type(outputs).__name__}) hold no tensor; metrics need tensors (or dicts/lists of them)"
     )
@@ -84,7 +85,7 @@ def batch_rows(outputs: Any, targets: Any) -> int:
 
 def _tensor(value: Any, metric: str, what: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(
+        raise UsageError(
             f"metric {metric!r} needs {what} as one torch.Tensor, got {type(value).__name__}; "
             "for structured outputs pass a callable fn(outputs, targets) or a Metric subclass"
         )
@@ -97,7 +98,7 @@ def _aligned(targets: torch.Tensor, like: torch.Tensor, metric: str, what: str) 
         return targets
     if targets.numel() == like.numel():
         return targets.reshape(like.shape)
-    raise ValueError(
+    raise ConfigError(
         f"metric {metric!r}: {what} have shape {tuple(like.shape)} but targets have shape "
         f"{tuple(targets.shape)}; they must hold the same number of elements"
     )
@@ -129,7 +130,7 @@ class Objective(_MeanMetric):
 
     def update(self, outputs: Any, targets: Any, loss: torch.Tensor | None) -> torch.Tensor:
         if loss is None:
-            raise ValueError(
+            raise ConfigError(
                 f"metric {self.name!r} needs the batch's loss; pass the objective's value as "
                 "update(outputs, targets, loss)"
             )
@@ -138,7 +139,7 @@ class Objective(_MeanMetric):
             return torch.zeros(2, dtype=_F64)
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
-                raise ValueError(
+                raise ConfigError(
                     f"metric {self.name!r} needs the objective's batch mean (one number), got a "
                     f"loss of shape {tuple(loss.shape)}; use reduction='mean' in the objective"
                 )
@@ -253,11 +254,11 @@ class CallableMetric(_MeanMetric):
         try:
             number = float(value)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(
+            raise UsageError(
                 f"metric {self.name!r} returned {type(value).__name__} "
                 f"{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}; a metric "
                 "function must return a float or a 1-element tensor (the mean over the batch's "
-                "rows); for any other state subclass raytorch.metrics.Metric"
+                "rows); for any other state subclass raytorch.Metric"
             ) from exc
         return _pair(number * rows, rows)
 
@@ -273,7 +274,7 @@ BUILTIN_METRICS: dict[str, type[Metric]] = {
 _HOW = (
     f"built-in metrics are {sorted(BUILTIN_METRICS)}; for your own metric pass a callable "
     "fn(outputs, targets) -> float (the batch mean) in a dict, e.g. {'f1': my_f1}, or an instance "
-    "of a raytorch.metrics.Metric subclass"
+    "of a raytorch.Metric subclass"
 )
 
 
@@ -370,7 +371,7 @@ def resolve_metrics(spec: Any = None) -> list[Metric]:
             seen[metric.name] = where
             metrics.append(metric)
     if problems:
-        raise ValueError(
+        raise ConfigError(
             f"{len(problems)} problem(s) with the metrics:\n- " + "\n- ".join(problems)
         )
     return metrics
@@ -390,10 +391,10 @@ def listen_mode(metrics: Sequence[Metric], listen: str) -> Mode:
         if metric.name == name:
             mode = default_mode(metric.name, metric.higher_is_better)
             if mode is None:
-                raise ValueError(unknown_mode_message(listen))
+                raise ConfigError(unknown_mode_message(listen))
             return mode
     keys = [f"valid/{m.name}" for m in metrics]
-    raise ValueError(
+    raise ConfigError(
         f"listen={listen!r} names no tracked metric; use one of {keys}, or add {name!r} to the "
         "metrics"
     )
@@ -407,10 +408,10 @@ def merge_states(states: Iterable[torch.Tensor]) -> torch.Tensor:
     """
     vectors = [s.detach().to(device="cpu", dtype=_F64) for s in states]
     if not vectors:
-        raise ValueError("merge_states needs at least one state vector")
+        raise ConfigError("merge_states needs at least one state vector")
     shapes = {tuple(v.shape) for v in vectors}
     if len(shapes) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"cannot merge state vectors of different shapes {sorted(shapes)}; every worker must "
             "track the same metrics in the same order"
         )
@@ -439,7 +440,7 @@ class MetricAccumulator:
                 problems.append(f"metric name {name!r} appears twice or more; names must be unique")
         if problems:
             # dict.fromkeys: a duplicate name is reported once, not once per copy
-            raise ValueError("; ".join(dict.fromkeys(problems)))
+            raise ConfigError("; ".join(dict.fromkeys(problems)))
         ends = [0]
         for m in self.metrics:
             ends.append(ends[-1] + m.state_size)
@@ -466,7 +467,7 @@ class MetricAccumulator:
         for metric in self.metrics:
             contribution = metric.update(outputs, targets, loss)
             if contribution.shape != (metric.state_size,):
-                raise ValueError(
+                raise ConfigError(
                     f"metric {metric.name!r}.update returned shape {tuple(contribution.shape)}; "
                     f"it must return a 1-D tensor of state_size={metric.state_size} values"
                 )
@@ -506,7 +507,7 @@ class MetricAccumulator:
         """
         vector = (self._state if state is None else state).detach().to(device="cpu", dtype=_F64)
         if vector.shape != self._state.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"state has shape {tuple(vector.shape)} but these metrics {self.names} need "
                 f"({self.size},); merge states of accumulators with the same metrics"
             )

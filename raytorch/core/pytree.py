@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from raytorch.core.errors import UsageError
+
 
 def _rebuild(template: Any, values: list[Any]) -> Any:
     """A list, tuple or namedtuple like ``template`` holding ``values``."""
@@ -61,4 +63,4 @@ def count_rows(tree: Any) -> int:
         tree = list(tree.values())
     if isinstance(tree, (list, tuple)) and tree:
         return count_rows(tree[0])
-    raise TypeError(f"cannot count the rows of a batch of type {type(tree).__name__}")
+    raise UsageError(f"cannot count the rows of a batch of type {type(tree).__name__}")

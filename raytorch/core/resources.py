@@ -285,7 +285,7 @@ def task_options(compute_kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class ComputeKwargs(BaseModel):
-    """Resources of each training worker (the seed's ``compute_kwargs``).
+    """Resources of each training worker (SuperDuperDB's ``compute_kwargs``).
 
     One worker runs as a Ray task with these options; ``num_workers > 1`` runs data-parallel on
     Ray Train with these resources per worker.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
-from raytorch.core.errors import SignatureError
+from raytorch.core.errors import ConfigError, SignatureError
 
 Signature = Literal["singleton", "*args", "**kwargs", "*args,**kwargs"]
 SIGNATURES: tuple[str, ...] = get_args(Signature)
@@ -14,7 +14,8 @@ SIGNATURES: tuple[str, ...] = get_args(Signature)
 def check_signature(signature: str, field: str = "signature") -> Signature:
     """Return ``signature`` if it is one of the four, else raise naming the field and choices."""
     if signature not in SIGNATURES:
-        raise ValueError(f"{field}={signature!r} is not a signature; use one of {list(SIGNATURES)}")
+        choices = list(SIGNATURES)
+        raise ConfigError(f"{field}={signature!r} is not a signature; use one of {choices}")
     return signature  # type: ignore[return-value]
 
 

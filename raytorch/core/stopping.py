@@ -32,6 +32,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from raytorch.core.errors import ConfigError
+
 # Substrings of a metric name that mean "lower is better" when nothing else says so.
 # Metric names whose direction is known, matched against the words of a name ("val_loss" has
 # "loss"). A name with none of them gets no guess: early stopping then needs an explicit mode.
@@ -185,7 +187,7 @@ class EarlyStopping(BaseModel):
             validation split (``"objective"`` is ``"valid/objective"``, see :attr:`key`).
         mode: ``"min"`` or ``"max"``; None guesses from ``listen`` (see :func:`default_mode`). The
             trainer passes the mode of the metric it resolved, which is better than the guess.
-        patience: validations without improvement before stopping (the seed's
+        patience: validations without improvement before stopping (SuperDuperDB's
             ``no_improve_then_stop``); None or 0 disables it.
         min_delta: an improvement must beat the best value by more than this (>= 0).
         threshold: stop as soon as the value reaches this (good enough).
@@ -208,7 +210,7 @@ class EarlyStopping(BaseModel):
     @classmethod
     def _check_listen(cls, value: str) -> str:
         if not value.strip() or value.endswith("/"):
-            raise ValueError(
+            raise ConfigError(
                 f"listen={value!r} names no metric; use e.g. 'objective' or 'valid/accuracy'"
             )
         return value
@@ -220,19 +222,19 @@ class EarlyStopping(BaseModel):
             listen = info.data.get("listen", "objective")
             found = default_mode(listen)
             if found is None:
-                raise ValueError(unknown_mode_message(listen))
+                raise ConfigError(unknown_mode_message(listen))
             return found
         if isinstance(value, str) and value.lower() in ("min", "max"):
             return value.lower()
         if not isinstance(value, Mode):
-            raise ValueError(f"mode={value!r} is not a mode; use 'min', 'max' or None (guess)")
+            raise ConfigError(f"mode={value!r} is not a mode; use 'min', 'max' or None (guess)")
         return value
 
     @field_validator("patience")
     @classmethod
     def _check_patience(cls, value: int | None) -> int | None:
         if value is not None and value < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"patience={value} is negative; use a number of validations >= 1, or 0/None to "
                 "disable stopping on no improvement"
             )
@@ -242,7 +244,7 @@ class EarlyStopping(BaseModel):
     @classmethod
     def _check_min_delta(cls, value: float) -> float:
         if not math.isfinite(value) or value < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"min_delta={value} must be a finite number >= 0 (the margin by which a value must "
                 "beat the best); the direction comes from mode, so pass a positive margin"
             )
@@ -252,7 +254,7 @@ class EarlyStopping(BaseModel):
     @classmethod
     def _check_finite_bound(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is not None and not math.isfinite(value):
-            raise ValueError(f"{info.field_name}={value} must be finite, or None to disable it")
+            raise ConfigError(f"{info.field_name}={value} must be finite, or None to disable it")
         return value
 
     @model_validator(mode="after")
@@ -261,12 +263,12 @@ class EarlyStopping(BaseModel):
         if low is None or high is None:
             return self
         if self.mode is Mode.MIN and not low < high:
-            raise ValueError(
+            raise ConfigError(
                 f"with mode='min' threshold={low} must be below divergence_threshold={high}; "
                 "otherwise every value either reaches the threshold or diverges"
             )
         if self.mode is Mode.MAX and not low > high:
-            raise ValueError(
+            raise ConfigError(
                 f"with mode='max' threshold={low} must be above divergence_threshold={high}; "
                 "otherwise every value either reaches the threshold or diverges"
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from raytorch.core.errors import DataError
 from raytorch.core.source import Source, SourceKind
 
 
@@ -50,7 +51,7 @@ def plan_units(source: Source, unit_rows: int) -> list[Unit]:
         step = max(1, unit_rows)
         return [Unit(f"{start:012d}", start, min(step, n - start)) for start in range(0, n, step)]
     if source.kind is not SourceKind.FILES:
-        raise ValueError(f"a {source.kind} source has no units known in advance")
+        raise DataError(f"a {source.kind} source has no units known in advance")
     units: list[Unit] = []
     offset = 0
     for index, file in enumerate(source.files):

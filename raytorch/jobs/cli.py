@@ -61,7 +61,7 @@ _SUBCOMMANDS = {
         "Predict over the job's data with Ray Data; writes parquet predictions, rejected rows and "
         "summary.json into a run directory and prints progress (rows done, rows/s, ETA).",
         "  raytorch predict jobs/predict_parquet.yaml data.rows=100000\n"
-        "  raytorch predict jobs/predict_parquet.yaml model.path=runs/digits-.../model\n",
+        "  raytorch predict jobs/predict_parquet.yaml model.path=runs/digits-.../checkpoints/best\n",
     ),
     "check": (
         "validate a job file and the cluster's resources; run nothing",

@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from raytorch.cluster.trainer import TorchTrainer
-from raytorch.core.errors import ImportReferenceError, JobFileError
+from raytorch.core.errors import ConfigError, ImportReferenceError, JobFileError
 from raytorch.core.hints import with_hints
 from raytorch.core.predict_config import PredictConfig
 from raytorch.core.references import import_checked
@@ -77,18 +77,20 @@ class ModelSpec(_Strict):
         if ref is not None:
             obj = _import(ref, "class")
             if not callable(obj):
-                raise ValueError(f"{ref!r} is a {type(obj).__name__}, not a class or function")
+                raise ConfigError(f"{ref!r} is a {type(obj).__name__}, not a class or function")
         return ref
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if (self.class_ is None) == (self.path is None):
-            raise ValueError(
+            raise ConfigError(
                 "give exactly one of 'class' (an import reference such as 'digits:MLP') or "
                 "'path' (a saved model directory)"
             )
         if self.path is not None and (self.args or self.kwargs or self.seed is not None):
-            raise ValueError("'args', 'kwargs' and 'seed' build a new model; drop them with 'path'")
+            raise ConfigError(
+                "'args', 'kwargs' and 'seed' build a new model; drop them with 'path'"
+            )
         if self.class_ is not None:
             _check_arguments(_import(self.class_, "class"), self.class_, self.args, self.kwargs)
         return self
@@ -117,18 +119,18 @@ class DataSource(_Strict):
     @classmethod
     def _importable(cls, ref: str | None) -> str | None:
         if ref is not None and not callable(_import(ref, "function")):
-            raise ValueError(f"{ref!r} is not a function")
+            raise ConfigError(f"{ref!r} is not a function")
         return ref
 
     @model_validator(mode="after")
     def _check(self) -> DataSource:
         if (self.function is None) == (self.path is None):
-            raise ValueError(
+            raise ConfigError(
                 "give exactly one of 'path' (parquet file, directory or URI) or 'function' "
                 "(an import reference such as 'digits:load_split')"
             )
         if self.path is not None and self.kwargs:
-            raise ValueError("'kwargs' are arguments of 'function'; a 'path' takes none")
+            raise ConfigError("'kwargs' are arguments of 'function'; a 'path' takes none")
         if self.function is not None:
             _check_call(_import(self.function, "function"), self.function, self._kwargs())
         return self
@@ -476,7 +478,7 @@ def _import(ref: str, field: str, allow: str = "callable") -> Any:
         return import_checked(ref, field, allow)
     except ImportReferenceError as exc:
         # The field name is already in the error's location; keep the reason.
-        raise ValueError(str(exc).split(": ", 1)[-1] if ": " in str(exc) else str(exc)) from None
+        raise ConfigError(str(exc).split(": ", 1)[-1] if ": " in str(exc) else str(exc)) from None
 
 
 def _check_arguments(target: Any, ref: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
@@ -499,13 +501,13 @@ def _check_arguments(target: Any, ref: str, args: Sequence[Any], kwargs: Mapping
         unknown = [k for k in own if k not in params]
         if unknown:
             hints = with_hints(unknown, list(params))
-            raise ValueError(
+            raise ConfigError(
                 f"kwargs: {ref} takes no argument {', '.join(hints)} (it takes: {takes})"
             )
     try:
         signature.bind(*args, **own)
     except TypeError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"args/kwargs: {ref} does not accept them: {exc} (it takes: {takes})"
         ) from None
 
@@ -520,7 +522,7 @@ def _check_call(fn: Callable[..., Any], ref: str, kwargs: Mapping[str, Any]) -> 
     except TypeError as exc:
         takes = ", ".join(signature.parameters) or "no arguments"
         hint = "; 'rows' comes from data...rows" if "'rows'" in str(exc) else ""
-        raise ValueError(f"kwargs: {ref} {exc} (it takes: {takes}){hint}") from None
+        raise ConfigError(f"kwargs: {ref} {exc} (it takes: {takes}){hint}") from None
 
 
 @contextlib.contextmanager

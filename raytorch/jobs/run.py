@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from raytorch.core.errors import UsageError
 from raytorch.core.references import import_checked
 from raytorch.engine.tracking import new_run_name
 from raytorch.jobs.files import Echo, Job, ModelSpec, PredictJob, TrainJob, python_path
@@ -78,7 +79,7 @@ def build_model(spec: ModelSpec, default_identifier: str) -> Any:
         return built
     if isinstance(built, torch.nn.Module):
         return TorchModel(identifier, object=built)
-    raise TypeError(
+    raise UsageError(
         f"model.class={spec.class_!r} returned a {type(built).__name__}; it must build a "
         "TorchModel or a torch.nn.Module"
     )

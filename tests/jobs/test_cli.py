@@ -277,3 +277,32 @@ def test_inside_a_ray_job_a_relative_storage_path_lands_outside_the_temporary_co
     assert not (copy / "runs").exists()
     monkeypatch.chdir(tmp_path)  # a job started from a directory of the user's own
     assert lasting_path("runs/") == "runs/"
+
+
+def test_an_objective_returning_one_loss_per_row_exits_2_naming_it(
+    ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad input found inside a worker is the user's to fix: exit 2, naming the objective and the
+    shape, as for bad input found on the driver."""
+    (tmp_path / "digits.py").write_text((ROOT / "jobs" / "digits.py").read_text())
+    (tmp_path / "losses.py").write_text(
+        "import torch\n\n\n"
+        "def per_row(outputs, targets):\n"
+        "    return torch.nn.functional.cross_entropy(outputs, targets, reduction='none')\n"
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text((ROOT / "jobs" / "train_digits.yaml").read_text())
+    code = main(
+        [
+            "train",
+            str(job),
+            "trainer.objective=losses:per_row",
+            "trainer.compute_kwargs={num_workers: 1, num_cpus: 1}",
+            "trainer.max_iterations=5",
+            f"trainer.storage_path={tmp_path / 'runs'}",
+            "data.rows=100",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "objective=per_row" in err and "a tensor of shape [" in err and "Traceback" not in err

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raytorch.core.errors import DataError, JobMismatchError
-from raytorch.engine.io.fs import resolve
+from raytorch.engine.io.fs import resolve, write_error
 
 logger = logging.getLogger("raytorch")
 
@@ -61,10 +61,13 @@ def write_bytes_atomic(
     fs: pafs.FileSystem, directory: str, name: str, data: bytes, tmp_dir: str | None = None
 ) -> None:
     """Write ``data`` to ``<directory>/<name>`` so that it appears whole or not at all."""
-    f = _AtomicFile(fs, directory, name, tmp_dir)
-    with fs.open_output_stream(f.tmp) as out:
-        out.write(data)
-    f.commit()
+    try:
+        f = _AtomicFile(fs, directory, name, tmp_dir)
+        with fs.open_output_stream(f.tmp) as out:
+            out.write(data)
+        f.commit()
+    except OSError as exc:
+        raise write_error(f"{directory}/{name}", exc) from exc
 
 
 class PartWriter:
@@ -80,22 +83,28 @@ class PartWriter:
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        if self._writer is None:
-            self._file = _AtomicFile(self.fs, self.directory, self.name)
-            self._stream = self.fs.open_output_stream(self._file.tmp)
-            self._writer = pq.ParquetWriter(self._stream, table.schema)
-        elif table.schema != self._writer.schema:
-            table = table.cast(self._writer.schema)  # e.g. an all-null batch
-        self._writer.write_table(table)
+        try:
+            if self._writer is None:
+                self._file = _AtomicFile(self.fs, self.directory, self.name)
+                self._stream = self.fs.open_output_stream(self._file.tmp)
+                self._writer = pq.ParquetWriter(self._stream, table.schema)
+            elif table.schema != self._writer.schema:
+                table = table.cast(self._writer.schema)  # e.g. an all-null batch
+            self._writer.write_table(table)
+        except OSError as exc:
+            raise write_error(f"{self.directory}/{self.name}", exc) from exc
         self.rows += table.num_rows
 
     def commit(self) -> str | None:
         """Close and rename into place; return the part's name, or None if nothing was written."""
         if self._writer is None or self._file is None:
             return None
-        self._writer.close()
-        self._stream.close()
-        self._file.commit()
+        try:
+            self._writer.close()
+            self._stream.close()
+            self._file.commit()
+        except OSError as exc:
+            raise write_error(f"{self.directory}/{self.name}", exc) from exc
         return self.name
 
 

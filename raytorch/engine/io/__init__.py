@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         stores_checked,
         upload_dir,
         write_bytes,
+        write_error,
     )
     from raytorch.engine.io.rows import (
         IN_COLUMN,
@@ -122,6 +123,7 @@ __all__, __getattr__, __dir__ = face(
             "stores_checked",
             "upload_dir",
             "write_bytes",
+            "write_error",
         ],
         "rows": [
             "IN_COLUMN",

@@ -23,14 +23,6 @@ import torch
 from raytorch.core.errors import DataError, OutputError
 
 
-def _fixed_dims(typ: pa.DataType) -> tuple[list[int], pa.DataType]:
-    dims: list[int] = []
-    while pa.types.is_fixed_size_list(typ):
-        dims.append(typ.list_size)
-        typ = typ.value_type
-    return dims, typ
-
-
 def _numeric_leaf(typ: pa.DataType) -> bool:
     return pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import os
 import shutil
 import uuid
@@ -16,7 +17,46 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from raytorch.core.errors import CheckpointError, StorageError
+from raytorch.core.errors import CheckpointError, StorageError, WriteError
+
+# What an errno of a failed write means, in words (the rest: the system's own text).
+_WRITE_CAUSES = {
+    errno.ENOSPC: "no space left on its device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "its file system is read-only",
+    errno.ENOENT: "its folder is gone",
+    errno.EFBIG: "the file would be larger than allowed (a file size limit)",
+}
+
+
+def write_error(path: str | os.PathLike[str], exc: BaseException) -> WriteError:
+    """A :class:`WriteError` naming ``path`` and the cause (no space, permission, gone, ...).
+
+    >>> str(write_error("/runs/a/result.json", OSError(28, "No space left on device")))
+    'could not write /runs/a/result.json: no space left on its device (No space left on device); \
+free space or choose another storage path, then run again (nothing was marked complete)'
+    """
+    if isinstance(exc, WriteError):
+        return exc
+    code = getattr(exc, "errno", None)
+    cause = _WRITE_CAUSES.get(code) if isinstance(code, int) else None
+    detail = getattr(exc, "strerror", None) or (str(exc).splitlines() or [""])[0]
+    reason = f"{cause} ({detail})" if cause else (detail or type(exc).__name__)
+    fix = {
+        errno.ENOSPC: "free space or choose another storage path",
+        errno.EDQUOT: "free space or choose another storage path",
+        errno.EACCES: "choose a folder you can write to",
+        errno.EPERM: "choose a folder you can write to",
+        errno.EROFS: "choose a folder you can write to",
+    }.get(code if isinstance(code, int) else -1, "check the storage")
+    error = WriteError(
+        f"could not write {os.fspath(path)}: {reason}; {fix}, then run again (nothing was "
+        "marked complete)"
+    )
+    error.__cause__ = exc
+    return error
 
 
 def _fsync_dir(path: Path) -> None:
@@ -69,13 +109,19 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target} exists and is not a directory; choose another path")
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(target, "tmp")
-    tmp.mkdir()  # plain mkdir honours the umask (mkdtemp would make it private, 0o700)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # plain mkdir honours the umask (mkdtemp would make it private, 0o700)
+    except OSError as exc:
+        raise write_error(target, exc) from exc
     try:
         yield tmp
         _fsync_tree(tmp)
         _replace_dir(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(target, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -100,16 +146,21 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 
 def atomic_write(path: Path, write: Any) -> None:
     """Call ``write(file)`` on a temporary sibling of ``path``, fsync it, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path, "tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise write_error(path, exc) from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 
@@ -264,7 +315,7 @@ def upload_dir(local: str | os.PathLike[str], target: str, last: str | None = No
     """Copy a local directory's files to ``target`` (a URI or local path), ``last`` copied last.
 
     Raises:
-        CheckpointError: the copy failed (naming the target).
+        WriteError: the copy failed (naming the target and the cause).
     """
     from pyarrow import fs
 
@@ -281,7 +332,8 @@ def upload_dir(local: str | os.PathLike[str], target: str, last: str | None = No
                 str(file), dest, source_filesystem=local_fs, destination_filesystem=filesystem
             )
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"could not copy {local} to {store_problem(target, exc)}") from exc
+        error = WriteError(f"could not copy {local} to {store_problem(target, exc)}")
+        raise error from exc
 
 
 def download_dir(source: str, local: str | os.PathLike[str]) -> Path:
@@ -322,9 +374,12 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         atomic_write(local.expanduser(), lambda f: f.write(data))
         return
     filesystem, root = resolve(text)
-    filesystem.create_dir(root.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(root) as f:
-        f.write(data)
+    try:
+        filesystem.create_dir(root.rsplit("/", 1)[0], recursive=True)
+        with filesystem.open_output_stream(root) as f:
+            f.write(data)
+    except OSError as exc:
+        raise write_error(text, exc) from exc
 
 
 # Set by Ray Jobs in the environment of a submitted job's entrypoint.

@@ -79,7 +79,7 @@ def load_state(path: str | os.PathLike[str], map_location: str | torch.device | 
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
         raise CheckpointError(
             f"{file} is a torch file but not a raytorch state file (no {STATE_FORMAT!r} manifest); "
-            "load it with torch.load, or save it with raytorch.checkpoint.save_state"
+            "load it with torch.load, or save it with raytorch.engine.io.save_state"
         )
     version = payload.get("version")
     if not isinstance(version, int) or version > STATE_VERSION:

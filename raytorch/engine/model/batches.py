@@ -7,19 +7,35 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
-from raytorch.core import batching as batching
 from raytorch.core.errors import BatchError, PredictError, UsageError
-
-if TYPE_CHECKING:
-    from raytorch.engine.model.model import TorchModel
 
 logger = logging.getLogger("raytorch")
 
 OnError = Literal["raise", "skip"]
+
+
+class Predicting(Protocol):
+    """What ``predict_batches`` asks of a model (a ``TorchModel`` is one)."""
+
+    identifier: str
+    loader_kwargs: dict[str, Any]
+    collate_fn: Any
+
+    def preprocess_item(self, x: Any) -> Any: ...
+
+    def collate(self, items: list[Any]) -> Any: ...
+
+    def forward_batch(self, batch: Any, device: torch.device | str | None = None) -> Any: ...
+
+    def output_rows(self, outputs: Any) -> list[Any]: ...
+
+    def postprocess_row(self, row: Any) -> Any: ...
+
+
 # DataLoader's own default of 1 would run one forward per item; 32 is a common inference batch.
 DEFAULT_PREDICT_BATCH_SIZE = 32
 # Training-time DataLoader settings that prediction ignores: it keeps every item, in order.
@@ -54,7 +70,7 @@ class _Failure:
 class _PredictDataset(torch.utils.data.Dataset):
     """``(index, preprocessed item)``, or a ``_Failure`` instead of raising in a loader worker."""
 
-    def __init__(self, model: TorchModel, items: Sequence[Any]) -> None:
+    def __init__(self, model: Predicting, items: Sequence[Any]) -> None:
         self.model = model
         self.items = items
 
@@ -91,7 +107,7 @@ def _layout(value: Any) -> str:
 class _PredictCollate:
     """Collate ``(index, item)`` pairs; items that cannot be batched become ``_Failure``s."""
 
-    def __init__(self, model: TorchModel) -> None:
+    def __init__(self, model: Predicting) -> None:
         self.model = model
         # Layout of an item that batched well earlier: breaks ties when a batch splits evenly.
         self.reference: str | None = None
@@ -156,7 +172,7 @@ class _PredictCollate:
 class PredictRun:
     """State of one ``predict_batches`` call: the loader, error policy and skipped items."""
 
-    def __init__(self, model: TorchModel, items: Sequence[Any], on_error: OnError) -> None:
+    def __init__(self, model: Predicting, items: Sequence[Any], on_error: OnError) -> None:
         self.model = model
         self.dataset = _PredictDataset(model, items)
         self.on_error = on_error

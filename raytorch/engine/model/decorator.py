@@ -84,7 +84,7 @@ class BasicDataset(torch.utils.data.Dataset):
     Args:
         items: the data points.
         transform: applied to each item (e.g. a model's preprocess); None keeps items as they are.
-        signature: how ``transform`` receives an item (see :mod:`raytorch.signature`).
+        signature: how ``transform`` receives an item (see :mod:`raytorch.core.signature`).
     """
 
     def __init__(

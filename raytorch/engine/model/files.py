@@ -12,10 +12,10 @@ import os
 import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from raytorch.core.errors import CheckpointError, ImportReferenceError
 from raytorch.core.references import import_checked
@@ -31,8 +31,8 @@ from raytorch.engine.io.state import (
 )
 from raytorch.engine.model.factory import Factory, construct
 
-if TYPE_CHECKING:
-    from raytorch.engine.model.model import TorchModel
+# A TorchModel class (its pydantic fields are what model.json may hold).
+M = TypeVar("M", bound=BaseModel)
 
 logger = logging.getLogger("raytorch")
 MODEL_FORMAT = "raytorch.model"
@@ -42,7 +42,7 @@ MODEL_VERSION = 1
 NOT_SAVED = ("identifier", "object", "factory", "optimizer_state", "trainer", "validation")
 
 
-def save_model(model: TorchModel, path: str | os.PathLike[str]) -> Path | str:
+def save_model(model: Any, path: str | os.PathLike[str]) -> Path | str:
     """Write ``model`` to a directory atomically (see :meth:`TorchModel.save`); an
     object-storage URI gets the files uploaded with ``model.json`` last, so a half-written
     upload is never loaded."""
@@ -71,7 +71,7 @@ def save_model(model: TorchModel, path: str | os.PathLike[str]) -> Path | str:
     return target
 
 
-def _module_json(model: TorchModel) -> dict[str, Any]:
+def _module_json(model: Any) -> dict[str, Any]:
     if model.factory is not None:
         try:
             return {
@@ -134,13 +134,13 @@ def read_manifest(root: Path, fields: Collection[str]) -> dict[str, Any]:
 
 
 def load_model(
-    cls: type[TorchModel],
+    cls: type[M],
     path: str | os.PathLike[str],
     map_location: str | torch.device | None,
     device: str | None,
     given: torch.nn.Module | None,
     overrides: Mapping[str, Any],
-) -> TorchModel:
+) -> M:
     """Load a model directory (see :meth:`TorchModel.load`); an object-storage URI is copied
     to a temporary directory first, and errors name the URI."""
     text = os.fspath(path)
@@ -180,7 +180,7 @@ def load_model(
     fields.update(overrides)
     identifier = fields.pop("identifier", meta["identifier"])
     try:
-        return cls(identifier, object=module, **fields)
+        return cls(identifier=identifier, object=module, **fields)
     except ValidationError as exc:
         bad = "; ".join(
             f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)

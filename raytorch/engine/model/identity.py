@@ -9,13 +9,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import types
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from raytorch.engine.model.model import TorchModel
 
 
 def _value_bytes(value: Any) -> bytes:
@@ -81,8 +78,8 @@ def code_identity(value: Any, depth: int = 0) -> str:
     return digest.hexdigest()
 
 
-def model_fingerprint(model: TorchModel) -> str:
-    """A hash of the weights and of the code paths that shape the outputs."""
+def model_fingerprint(model: Any) -> str:
+    """A hash of a ``TorchModel``'s weights and of the code paths that shape its outputs."""
     digest = hashlib.sha256()
     module = model.object
     digest.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())

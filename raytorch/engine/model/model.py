@@ -2,7 +2,7 @@
 
 One data point goes ``preprocess -> create_batch -> forward -> unpack_batch -> postprocess``; a list
 of data points goes the same way through a torch ``DataLoader``. The four call signatures
-(:mod:`raytorch.signature`) say how each user function receives its input.
+(:mod:`raytorch.core.signature`) say how each user function receives its input.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class TorchModel(BaseModel):
     )
     train_preprocess_signature: SignatureField = "singleton"
     collate_fn: Callable[..., Any] | None = Field(
-        None, description="list of preprocessed items -> batch (raytorch.batching.collate if None)"
+        None,
+        description="list of preprocessed items -> batch (raytorch.core.batching.collate if None)",
     )
     loader_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -252,7 +253,7 @@ class TorchModel(BaseModel):
         )
 
     def collate(self, items: list[Any]) -> Any:
-        """Batch preprocessed items with ``collate_fn``, or :func:`raytorch.batching.collate`."""
+        """Batch preprocessed items with ``collate_fn``, or ``raytorch.core.batching.collate``."""
         if self.collate_fn is not None:
             return self.collate_fn(items)
         return batching.collate(items)

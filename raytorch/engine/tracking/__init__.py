@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         write_run_dir,
     )
     from raytorch.engine.tracking.loggers import (
-        LOGGERS,
         LoggerHub,
         MlflowLogger,
         RunLogger,
@@ -59,7 +58,6 @@ __all__, __getattr__, __dir__ = face(
             "write_run_dir",
         ],
         "loggers": [
-            "LOGGERS",
             "LoggerHub",
             "MlflowLogger",
             "RunLogger",

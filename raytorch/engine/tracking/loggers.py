@@ -32,7 +32,6 @@ from typing import Any
 
 logger = logging.getLogger("raytorch")
 
-LOGGERS = ("csv", "tensorboard", "mlflow")
 # What each optional logger imports, and the extra that installs it.
 _NEEDS = {
     "tensorboard": ("tensorboard", "raytorch[tensorboard]"),

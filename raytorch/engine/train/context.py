@@ -8,6 +8,7 @@ deadlocks otherwise).
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ logger = logging.getLogger("raytorch")
 Batch = tuple[Any, Any]  # (inputs, targets); targets is None when self-supervised
 
 
-class WorkerContext:
+class WorkerContext(abc.ABC):
     """What the loop needs from where it runs; the defaults are those of one local process.
 
     Attributes:
@@ -41,16 +42,16 @@ class WorkerContext:
     # Why the last restored_checkpoint() was taken after a restart (None: a plain resume).
     restart_reason: str | None = None
 
-    def setup(self, device: torch.device) -> None:
+    def setup(self, device: torch.device) -> None:  # noqa: B027 (a hook: nothing by default)
         """Called once after the device is chosen and the RNGs are seeded (load shards here)."""
 
+    @abc.abstractmethod
     def train_batches(self, epoch: int) -> Iterable[Batch]:
         """This rank's training batches of ``epoch`` (a Sized iterable when the count is known)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def valid_batches(self) -> Iterable[Batch]:
         """This rank's validation batches (disjoint from other ranks', together all rows)."""
-        raise NotImplementedError
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise sum of ``tensor`` over all ranks."""
@@ -70,7 +71,9 @@ class WorkerContext:
         """The cluster's id of this rank's node (empty outside a cluster)."""
         return ""
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
+    def report(  # noqa: B027 (a hook: nothing by default)
+        self, metrics: dict[str, float], checkpoint_dir: Path | None = None
+    ) -> None:
         """Called on every rank at every validation (same count everywhere)."""
 
     def restored_checkpoint(self) -> Path | None:
