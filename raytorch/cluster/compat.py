@@ -182,7 +182,13 @@ def quiet_ray_loggers() -> None:
     logging.getLogger(_PROGRESS_LOGGER).addFilter(_PROGRESS_NOTICE)
 
 
-_DATA_KNOBS = {"enable_progress_bars": False, "print_on_execution_start": False}
+_DATA_KNOBS = {
+    "enable_progress_bars": False,
+    "print_on_execution_start": False,
+    # A row map's own error (raytorch's, naming the row) reaches the driver as itself, not as
+    # Ray Data's UserCodeException, whose pickled copy loses its cause.
+    "raise_original_map_exception": True,
+}
 
 
 def _data_context(import_it: bool = True) -> Any:

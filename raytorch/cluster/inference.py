@@ -34,10 +34,12 @@ import pyarrow.compute as pc
 
 from raytorch.cluster.compat import CONSTRUCTOR_ARGS_NOTICE, drop_stderr_lines, quiet_ray_data
 from raytorch.cluster.session import cluster_nodes, ensure_ray, ray_env
+from raytorch.cluster.shipping import shipping
 from raytorch.cluster.sources import quiet_input
 from raytorch.cluster.unit_pool import UnitPool
 from raytorch.core.errors import (
     ColumnError,
+    ConfigError,
     JobMismatchError,
     RaytorchError,
     RowError,
@@ -56,6 +58,7 @@ from raytorch.core.resources import PoolPlan
 from raytorch.core.source import Source, SourceKind
 from raytorch.core.units import Unit, plan_units
 from raytorch.engine.infer import (
+    OUTPUT_LOCK,
     OutputLayout,
     PredictProgress,
     PredictSummary,
@@ -67,7 +70,14 @@ from raytorch.engine.infer import (
     reconcile,
     unit_batches,
 )
-from raytorch.engine.io import check_stores, open_source, read_column
+from raytorch.engine.io import (
+    Claim,
+    check_stores,
+    deferred_interrupts,
+    open_source,
+    overlaps,
+    read_column,
+)
 from raytorch.engine.model import model_fingerprint
 
 if TYPE_CHECKING:
@@ -237,6 +247,14 @@ def _validate(plan: _Plan) -> None:
         )
     schema = source.schema if not dataset else source.dataset.schema().base_schema
     check_columns(schema, config.key, config.id_column, config.carry_columns)
+    for field, place in (("output", plan.layout.uri), ("errors_output", plan.layout.errors_uri)):
+        for root in source.roots:
+            if overlaps(place, root):
+                raise ConfigError(
+                    f"{field}={place!r} and the input data={root!r} overlap (one is inside the "
+                    "other): a later run over the input would read its own predictions; write "
+                    "the output outside the input folder"
+                )
     if config.id_column and not dataset:
         _check_ids(source, config.id_column)
     if dataset and plan.layout.has_job():
@@ -258,6 +276,13 @@ def _check_ids(source: Source, id_column: str) -> None:
             f"id_column={id_column!r} has {ids.null_count} null value(s); every row needs an id "
             "(fill them, or leave id_column unset to number rows by position)"
         )
+    if pa.types.is_floating(ids.type):
+        nans = int(pc.sum(pc.is_nan(ids)).as_py() or 0)
+        if nans:
+            raise RowError(
+                f"id_column={id_column!r} has {nans} NaN value(s); every row needs an id that "
+                "names it (fill them, or leave id_column unset to number rows by position)"
+            )
     distinct = pc.count_distinct(ids).as_py()
     if distinct != len(ids):
         counts = pc.value_counts(ids)
@@ -269,7 +294,8 @@ def _check_ids(source: Source, id_column: str) -> None:
 
 
 def _resume_state(plan: _Plan) -> tuple[dict[str, dict[str, Any]], list[Unit] | None] | None:
-    """Claim the output; the committed records and the units left to do (None: all done)."""
+    """Record the job in the output (or check it is the job recorded); the committed records
+    and the units left to do (None: all done). The caller holds the output's claim."""
     layout = plan.layout
     layout.claim(plan.job)
     if layout.manifest() is not None:
@@ -308,7 +334,8 @@ def _actor_args(plan: _Plan, pool: PoolPlan) -> tuple[list[Any], list[Any], dict
     # The model goes to the object store once, on CPU so CPU-only actors can unpickle it (a saved
     # model too: its path may not exist on other nodes). Boxed in a list so Ray hands the actor
     # the reference, not a copy per actor argument.
-    model_box = [ray.put(plan.model.for_shipping())]
+    with shipping(plan.model):
+        model_box = [ray.put(plan.model.for_shipping())]
     table_box = [ray.put(plan.source.table)] if plan.source.kind is SourceKind.TABLE else []
     return model_box, table_box, options
 
@@ -391,7 +418,13 @@ def _execute(
 
 
 def _finalize(plan: _Plan, records: dict[str, dict[str, Any]]) -> None:
-    """Reconcile the counts, then write the manifest and the success marker (last)."""
+    """Reconcile the counts, then write the manifest and the success marker (last); Ctrl-C or
+    SIGTERM meanwhile is held until both are written."""
+    with deferred_interrupts():
+        _finish(plan, records)
+
+
+def _finish(plan: _Plan, records: dict[str, dict[str, Any]]) -> None:
     reconcile(plan.layout, plan.units, records)
     manifest = {
         "rows_read": sum(r["rows_read"] for r in records.values()),
@@ -497,6 +530,14 @@ def predict_with(
     started = time.monotonic()
     plan = _plan(model, data, output, config)
     _validate(plan)
+    # One driver at a time: a second predict into this output is refused, naming the first.
+    with Claim(plan.layout.uri, OUTPUT_LOCK, "predict output"):
+        return _run(plan, progress, started)
+
+
+def _run(
+    plan: _Plan, progress: Callable[[PredictProgress], None] | None, started: float
+) -> PredictSummary:
     state = _resume_state(plan)
     if state is None:
         logger.info("output %s is already complete; nothing to do", plan.layout.uri)

@@ -19,6 +19,7 @@ from typing import Any
 
 from raytorch.cluster.compat import train_start_timeout
 from raytorch.cluster.session import cluster_nodes, override_env, schedule_problem
+from raytorch.cluster.shipping import shipping
 from raytorch.cluster.worker import ProgressSink, ShardSpec, task_main, train_main
 from raytorch.core.config import TrainerConfig
 from raytorch.core.errors import RaytorchError, TrainingError, find_raytorch_error
@@ -164,7 +165,8 @@ def _run_task(
     reason: str | None = None
     while True:
         try:
-            ref = remote.remote(model, cfg, shard, seed, sink, run_dir, resume, reason)
+            with shipping(model):
+                ref = remote.remote(model, cfg, shard, seed, sink, run_dir, resume, reason)
             return _await_task(ref, plan.options)
         except ray.exceptions.RayTaskError as exc:
             error = find_raytorch_error(exc)
@@ -320,7 +322,7 @@ def _fit_ray_train(
         dataset_config=DataConfig(datasets_to_split=["train"]) if streaming else None,
     )
     try:
-        with _start_timeout_env(cfg):
+        with _start_timeout_env(cfg), shipping(model):
             result = trainer.fit()
     except Exception as exc:  # V2 raises from fit() when the group failed for good
         raise _train_failure(exc, plan, cfg) from exc

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from raytorch.cluster.session import check_schedulable, ensure_ray
+from raytorch.cluster.shipping import shipping
 from raytorch.core.resources import task_options
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ def submit_predict_batches(
     options = task_options(model.compute_kwargs)
     check_schedulable(options, field=f"compute_kwargs of model {model.identifier!r}")
     task = ray.remote(_predict_batches_task).options(**options)
-    return task.remote(model.for_shipping(), items, on_error)
+    with shipping(model):
+        return task.remote(model.for_shipping(), items, on_error)
 
 
 def predict_batches_on_ray(model: Any, items: Sequence[Any], on_error: str = "raise") -> list[Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from raytorch.core.errors import ResourceError
 from raytorch.core.resources import pending_allowed, resource_request, unschedulable
+from raytorch.engine.io import raise_on_sigterm, raising_on_sigterm
 
 logger = logging.getLogger("raytorch")
 
@@ -93,8 +94,11 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         logger.info("starting a local Ray on this machine")
     else:
         logger.info("joining the Ray at %s", address)
+    ours = raising_on_sigterm()
     with ray_env(), _env(local_env):
         ray.init(address=address, **init_kwargs)
+    if ours:  # ray.init replaces the SIGTERM handler with one that exits without a word
+        raise_on_sigterm()
 
 
 def _env(values: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:

@@ -47,19 +47,23 @@ def to_dataset(source: Source) -> ray.data.Dataset:
     if source.kind is SourceKind.DATASET:
         return source.dataset
     if source.kind is SourceKind.TABLE:
-        return ray.data.from_arrow(source.table)
+        return quiet_dataset(ray.data.from_arrow(source.table))
     with reading(source):
-        return ray.data.read_parquet([f.path for f in source.files])
+        return quiet_dataset(ray.data.read_parquet([f.path for f in source.files]))
 
 
 @contextlib.contextmanager
 def reading(source: Source) -> Iterator[None]:
     """Ray Data's failures to read a file source (a corrupt page behind a good footer, a file
-    deleted since) as a DataError naming the source; raytorch's own errors pass as they are."""
+    deleted since) as a DataError naming the source; raytorch's own errors (a row map's) as
+    themselves, not in Ray's wrapping."""
     try:
         yield
     except Exception as exc:
-        if source.kind is not SourceKind.FILES or find_raytorch_error(exc) is not None:
+        found = find_raytorch_error(exc)
+        if found is not None and found is not exc:
+            raise found from exc  # a row map's own error (a transform that failed on a row)
+        if found is not None or source.kind is not SourceKind.FILES:
             raise
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DataError(

@@ -38,7 +38,10 @@ from raytorch.engine.tracking import (
     RunStatus,
     TrainingResult,
     TrainMonitor,
+    check_same_job,
+    claim_run,
     is_finished,
+    job_identity,
     load_finished,
     new_run_name,
     read_result,
@@ -121,13 +124,22 @@ class TorchTrainer(TrainerConfig):
     (('x',), 32)
     """
 
-    def fit(self, model: Any, train_data: Any, valid_data: Any = None) -> TrainingResult:
+    def fit(
+        self,
+        model: Any,
+        train_data: Any,
+        valid_data: Any = None,
+        *,
+        job_file: str | None = None,
+    ) -> TrainingResult:
         """Train ``model`` on ``train_data``, validating on ``valid_data`` (or a held-out part).
 
         Args:
             model: a TorchModel; trained in place (best weights when ``restore_best``).
             train_data, valid_data: parquet files, folders or URIs, a pyarrow.Table, rows (a list
                 of dicts, a dict of arrays, a DataFrame) or a ray.data.Dataset.
+            job_file: the text of the job file that started the run (``raytorch train``),
+                written as ``job.yaml`` when the run directory is created, never again.
 
         Returns:
             The TrainingResult (also written to the run directory).
@@ -136,6 +148,9 @@ class TorchTrainer(TrainerConfig):
             raytorch.core.errors.DataError: missing columns, empty data, a batch larger than the
                 data.
             raytorch.core.errors.ResourceError: compute_kwargs the cluster can never satisfy.
+            raytorch.core.errors.JobMismatchError: ``run_name`` names a folder that is not a
+                raytorch run, or a run another job started (nothing is written then).
+            raytorch.core.errors.LockedError: another live driver holds that run directory.
         """
         show_progress()
         from raytorch.cluster.compat import quiet_ray_data
@@ -152,9 +167,14 @@ class TorchTrainer(TrainerConfig):
             valid_data=valid_data,
         )
         started = time.time()
+        sources = self._sources(model, train_data, valid_data)
+        identity = job_identity(
+            self.result_settings(), model, sources.train, sources.valid, self.validate_fraction
+        )
         run_name = self.run_name
         if run_name is not None:
             run_dir = run_dir_of(storage_root(self.storage_path), run_name)
+            check_same_job(run_dir, identity)  # refused before anything is written
             summary = read_result(run_dir)
             if is_finished(summary) and self.if_finished == "return":
                 assert summary is not None
@@ -168,15 +188,24 @@ class TorchTrainer(TrainerConfig):
             if is_finished(summary):
                 run_name = new_run_name(run_name)
                 logger.info("run %s already finished; training again as %s", run_dir, run_name)
-        sources = self._sources(model, train_data, valid_data)
         with ray_env(), quiet_ray_data():
             ensure_ray()
             ray_up = time.time()
             run = self._plan(model, sources, run_name)
-            monitor = self._monitor(run)
-            run.stamps = {"fit": started, "ray": ray_up, "planned": time.time()}
-            out = self._execute(model, run, monitor)
-        return self._finalize(model, run, out, started, monitor)
+            # One driver at a time; run.json and job.yaml written once, when the run is created.
+            claim = claim_run(run.run_dir, run.run_name, identity, job_file)
+            try:
+                run.resume = self._resume(str(run.run_dir), resuming=run.run_name == self.run_name)
+                monitor = self._monitor(run)
+                run.stamps = {"fit": started, "ray": ray_up, "planned": time.time()}
+                out = self._execute(model, run, monitor)
+            except BaseException:
+                claim.release()
+                raise
+        try:
+            return self._finalize(model, run, out, started, monitor)
+        finally:
+            claim.release()
 
     def _sources(self, model: Any, train_data: Any, valid_data: Any) -> _Sources:
         """Open and check the inputs (footers, schemas, columns, types; a table's values)."""
@@ -238,8 +267,7 @@ class TorchTrainer(TrainerConfig):
         storage = storage_root(self.storage_path)
         run_name = run_name or new_run_name(self.identifier)
         run_dir = run_dir_of(storage, run_name)
-        resume = self._resume(str(run_dir), resuming=run_name == self.run_name)
-        return _FitPlan(seed, plan, shards, data.dataset, storage, run_name, run_dir, resume)
+        return _FitPlan(seed, plan, shards, data.dataset, storage, run_name, run_dir, None)
 
     def _execute(self, model: Any, run: _FitPlan, monitor: TrainMonitor) -> LoopResult:
         """Launch the workers (resuming where asked); a failure marks the run directory failed."""
@@ -451,6 +479,7 @@ def _evaluate(
     import ray
 
     from raytorch.cluster.session import check_schedulable
+    from raytorch.cluster.shipping import shipping
     from raytorch.cluster.sources import rows_of
     from raytorch.core.metrics import MetricAccumulator
 
@@ -464,5 +493,7 @@ def _evaluate(
     task = ray.remote(_evaluate_task).options(max_retries=0, **options)
     as_dict = _train_forward_as_dict(model)
     resolved = cfg.resolved()  # references imported here; the task gets the objects
-    state = torch.tensor(ray.get(task.remote(model, resolved, refs, as_dict)), dtype=torch.float64)
+    with shipping(model):
+        ref = task.remote(model, resolved, refs, as_dict)
+    state = torch.tensor(ray.get(ref), dtype=torch.float64)
     return MetricAccumulator(cfg.metrics("valid")).compute(state, prefix="test")

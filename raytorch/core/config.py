@@ -9,10 +9,11 @@ and ``evaluate`` on top; a YAML dict validates through either with ``model_valid
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from raytorch.core.errors import ConfigError
 from raytorch.core.hints import did_you_mean
@@ -72,6 +73,46 @@ _POSITIVE = (
         "give the validations to wait for an improvement (mlr3torch's patience); 0/None: never",
     ),
 )
+
+
+# The fields of a TrainerConfig that change what a run trains (its identity, see result_settings):
+# data, objective, metrics, optimisation and recipe. Bounds and stopping rules (when a run stops),
+# storage, loggers, resources and restarts are not: a run may be continued with other values.
+RESULT_FIELDS = (
+    "key",
+    "objective",
+    "transform",
+    "signature",
+    "metric_values",
+    "measures_train",
+    "measures_valid",
+    "validate_fraction",
+    "data_prefetch",
+    "prefetch_size",
+    "in_memory",
+    "loader_kwargs",
+    "collate_fn",
+    "optimizer_cls",
+    "optimizer_kwargs",
+    "lr_scheduler",
+    "lr_scheduler_kwargs",
+    "lr_scheduler_interval",
+    "warmup_iterations",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "accumulate_grad_batches",
+    "precision",
+    "seed",
+    "listen",
+    "mode",
+)
+# Lightning's spellings of the precisions raytorch runs ("bf16-true" and "16-true", pure half
+# precision, are another recipe: refused with the choices).
+PRECISION_ALIASES = {"32-true": "32", "32": "32", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+# A run directory's name: one path component.
+RUN_NAME = re.compile(r"[\w.-]+")
+RESULT_LOADER_FIELDS = ("batch_size", "shuffle", "drop_last", "collate_fn", "worker_init_fn")
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -324,8 +365,10 @@ class TrainerConfig(BaseModel):
         if not isinstance(data, Mapping):
             return data
         data = dict(data)
-        if isinstance(data.get("precision"), int) and not isinstance(data["precision"], bool):
-            data["precision"] = str(data["precision"])  # YAML's precision: 32
+        precision = data.get("precision")
+        if isinstance(precision, (int, str)) and not isinstance(precision, bool):
+            # Lightning's spellings where they have one meaning here (YAML's precision: 32 too).
+            data["precision"] = PRECISION_ALIASES.get(str(precision), str(precision))
         if isinstance(data.get("loggers"), str):
             data["loggers"] = [data["loggers"]]  # loggers: tensorboard
         problems = [f"{k}: {fix}" for k, fix in _REPLACED.items() if k in data]
@@ -341,6 +384,17 @@ class TrainerConfig(BaseModel):
         if problems:
             raise ConfigError("; ".join(problems))
         return data
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_component(cls, value: str | None) -> str | None:
+        if value is not None and (not RUN_NAME.fullmatch(value) or value.startswith(".")):
+            raise ConfigError(
+                f"run_name={value!r} must be one path component (letters, digits, '_', '-' and "
+                "'.', not starting with '.'): a run directory is <storage_path>/<run_name>; put "
+                "the folder in storage_path instead"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
@@ -395,6 +449,12 @@ class TrainerConfig(BaseModel):
         repeated = sorted({name for name in self.loggers if self.loggers.count(name) > 1})
         if repeated:
             problems.append(f"loggers: {repeated} given more than once; list each logger once")
+        if self.max_iterations is not None and self.warmup_iterations >= self.max_iterations:
+            problems.append(
+                f"warmup_iterations={self.warmup_iterations} is not shorter than max_iterations="
+                f"{self.max_iterations}: the run would end before its warmup, at a fraction of "
+                "the learning rate; lower warmup_iterations (commonly a few percent of the run)"
+            )
         if self.max_iterations is None and self.epochs is None:
             problems.append(
                 "neither max_iterations nor epochs is set, so training would never end; set "
@@ -545,6 +605,42 @@ class TrainerConfig(BaseModel):
             divergence_threshold=self.divergence_threshold,
             check_finite=self.check_finite,
         )
+
+    def recipe_problems(self) -> list[str]:
+        """Build the optimizer and the schedule on a stand-in parameter, as a worker will: a value
+        of the wrong type or range fails here, naming the field (``raytorch check`` asks)."""
+        import torch
+
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer_cls = resolve_optimizer(self.optimizer_cls)
+        try:
+            optimizer = optimizer_cls([param], **self.optimizer_kwargs)
+        except Exception as exc:
+            return [
+                f"optimizer_kwargs: {optimizer_cls.__name__}({self.optimizer_kwargs}) refuses "
+                f"them: {type(exc).__name__}: {exc}"
+            ]
+        if self.lr_scheduler is None:
+            return []
+        scheduler_cls = resolve_scheduler(self.lr_scheduler)
+        kwargs = {**self.lr_scheduler_kwargs, **self.scheduler_length_kwargs(scheduler_cls)}
+        try:
+            if isinstance(scheduler_cls, type):
+                scheduler_cls(optimizer, **kwargs)
+            else:
+                scheduler_cls(optimizer)
+        except Exception as exc:
+            name = getattr(scheduler_cls, "__name__", str(scheduler_cls))
+            return [f"lr_scheduler_kwargs: {name}(...) refuses them: {type(exc).__name__}: {exc}"]
+        return []
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that change what a run trains (not when it stops, where it writes, or on
+        how many workers): a run continued or returned with other values is another job."""
+        dumped = self.model_dump(include=set(RESULT_FIELDS), by_alias=False)
+        loader = dumped.pop("loader_kwargs")
+        dumped["loader_kwargs"] = {k: loader[k] for k in RESULT_LOADER_FIELDS}
+        return dumped
 
     def worker_plan(self, nodes: Sequence[Mapping[str, float]]) -> WorkerPlan:
         """Each worker's resources on ``nodes``, checked to be placeable (``plan_workers``).

@@ -143,7 +143,11 @@ class PoolError(UserError, ValueError):
 
 
 class JobMismatchError(UserError, RuntimeError):
-    """An output directory holds parts of a different job."""
+    """A run directory or output holds another job's files (or is not raytorch's at all)."""
+
+
+class LockedError(UserError, RuntimeError):
+    """A run directory or output that another live raytorch process holds."""
 
 
 class UploadError(UserError, ValueError):
@@ -189,6 +193,16 @@ class InferenceError(_FailedWith):
 
 class ReconciliationError(RunError, RuntimeError):
     """Rows read and rows written (plus rejected) do not add up."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a scheduler or ``kill`` sends), raised in the main thread: a run ends the
+    way Ctrl-C ends it (files kept, ``result.json`` saying interrupted), and the command exits
+    143."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
 
 
 def same_kind(exc: UserError, message: str) -> UserError:

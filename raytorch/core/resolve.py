@@ -130,6 +130,36 @@ def kwargs_problem(
         name = getattr(cls, "__name__", cls)
         what = f"does not accept unknown {', '.join(hints)}" if hints else f"needs more: {exc}"
         return f"{field}: {name} {what}; it takes {', '.join(names)}"
+    return _type_problem(signature, kwargs, field, getattr(cls, "__name__", str(cls)))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _type_problem(
+    signature: inspect.Signature, kwargs: Mapping[str, Any], field: str, name: str
+) -> str | None:
+    """A keyword whose value cannot be of the kind its default is: text for a number (``lr:
+    '1e-3'`` quoted in YAML, or a string in Python), a number for a flag, text for a tuple."""
+    for key, value in kwargs.items():
+        param = signature.parameters.get(key)
+        default = None if param is None else param.default
+        if default is None or default is inspect.Parameter.empty or value is None:
+            continue
+        if _number(default) and not _number(value) and not isinstance(value, torch.Tensor):
+            kind = "a number"
+        elif isinstance(default, bool) and not isinstance(value, bool):
+            kind = "true or false"
+        elif isinstance(default, tuple) and not isinstance(value, (tuple, list)):
+            kind = f"a list of {len(default)} numbers like {list(default)}"
+        else:
+            continue
+        return (
+            f"{field}.{key}={value!r} is a {type(value).__name__}, but {name} takes {kind} "
+            f"there (its default is {default!r}); write it as {kind} (in YAML: {key}: "
+            f"{default!r})"
+        )
     return None
 
 

@@ -66,6 +66,7 @@ class Source:
         table: the ``pyarrow.Table`` of a ``TABLE`` source.
         dataset: the ``ray.data.Dataset`` of a ``DATASET`` source.
         uri: the single path or URI the user gave (``download=True`` copies it), else None.
+        roots: every path or URI the user gave for a file source (absolute), for overlap checks.
         fingerprint: the content identity (footers of files; a table's values); None for a
             dataset. Two sources with one fingerprint hold the same rows.
     """
@@ -79,6 +80,7 @@ class Source:
     dataset: Any = None
     uri: str | None = None
     fingerprint: str | None = None
+    roots: tuple[str, ...] = ()
 
     @property
     def num_rows(self) -> int | None:

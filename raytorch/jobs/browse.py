@@ -17,10 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from raytorch.core.config import TrainerConfig, flatten_config
-from raytorch.core.errors import ConfigError
+from raytorch.core.errors import ConfigError, JobFileError
+from raytorch.jobs.yaml_loader import load_yaml
 
 
 @dataclass
@@ -105,7 +104,7 @@ def _train_row(path: str, name: str, result: dict[str, Any] | None, problem: str
     iteration = _number(result.get("best_iteration"))
     restarts = result.get("restarts")
     reason = _text(result.get("stop_reason"))
-    if status == "failed":
+    if status in ("failed", "interrupted"):
         reason = _text(result.get("error"))[:60]
     return RunInfo(
         path,
@@ -284,9 +283,9 @@ def config_differences(run_dir: str) -> list[str]:
     if source is None:
         return lines
     try:
-        ran = yaml.safe_load(text)
-        current = yaml.safe_load(Path(source).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        ran = load_yaml(text, f"{run_dir}/job.yaml")
+        current = load_yaml(Path(source).read_text(), source)
+    except (OSError, UnicodeDecodeError, JobFileError) as exc:
         return [*lines, f"(the job file cannot be read now: {exc})"]
     if not isinstance(ran, dict) or not isinstance(current, dict):
         return [*lines, "(a job file is not a mapping)"]

@@ -6,14 +6,17 @@ Heavy imports (torch, Ray) happen inside the commands, so ``raytorch --help`` an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
-from raytorch.core.errors import RunError, find_raytorch_error
+from raytorch.core.errors import RaytorchError, RunError, find_raytorch_error
 from raytorch.core.progress import echo as _echo
 from raytorch.core.progress import show_progress
+from raytorch.engine.io import raise_on_sigterm, was_terminated
 from raytorch.jobs.submit import DEFAULT_EXCLUDES, DEFAULT_MAX_UPLOAD_MIB, _submit
 
 _EPILOG = """\
@@ -58,10 +61,12 @@ _SUBCOMMANDS = {
     ),
     "predict": (
         "run batch inference described by a job file",
-        "Predict over the job's data with Ray Data; writes parquet predictions, rejected rows and "
-        "summary.json into a run directory and prints progress (rows done, rows/s, ETA).",
+        "Predict over the job's data on a pool of Ray actors; writes parquet predictions, "
+        "rejected rows and summary.json into a run directory and prints progress (rows done, "
+        "rows/s, ETA).",
         "  raytorch predict jobs/predict_parquet.yaml data.rows=100000\n"
-        "  raytorch predict jobs/predict_parquet.yaml model.path=runs/digits-.../checkpoints/best\n",
+        "  raytorch predict jobs/predict_parquet.yaml \\\n"
+        "      model.path=runs/digits-.../checkpoints/best\n",
     ),
     "check": (
         "validate a job file and the cluster's resources; run nothing",
@@ -205,11 +210,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = log.level
     if args.debug:  # for this command only: main() may be called in a process that goes on
         log.setLevel(logging.DEBUG)
+    previous = raise_on_sigterm()  # SIGTERM ends a run the way Ctrl-C does
     try:
         return int(_COMMANDS[args.command](args))
-    except KeyboardInterrupt:
-        print(f"raytorch {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = was_terminated(exc)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"raytorch {args.command}: {what}; a re-run resumes from the run's last "
+              "checkpoint", file=sys.stderr)  # fmt: skip
+        _stop_ray()
+        return 143 if terminated else 130
+    except OSError as exc:  # a read or write raytorch did not expect to fail (a full disk)
+        if args.debug or isinstance(exc, RaytorchError):
+            raise
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"raytorch {args.command}: error: could not read or write{where}: "
+              f"{exc.strerror or exc}", file=sys.stderr)  # fmt: skip
+        return 1
     except Exception as exc:
         found: BaseException | None = find_raytorch_error(exc)
         if found is None and _is_validation_error(exc):
@@ -222,6 +239,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if isinstance(found, RunError) else 2
     finally:
         log.setLevel(level)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_ray() -> None:
+    """Shut down the Ray this process started or joined (a local one stops with it)."""
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    with contextlib.suppress(Exception):
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def _is_validation_error(exc: BaseException) -> bool:
@@ -256,13 +286,22 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from raytorch.core.errors import JobFileError
-    from raytorch.jobs.files import load_job
-    from raytorch.jobs.run import check_resources, describe, local_nodes, path_problems
+    from raytorch.jobs.files import TrainJob, load_job
+    from raytorch.jobs.run import (
+        check_resources,
+        data_problems,
+        describe,
+        local_nodes,
+        path_problems,
+    )
 
     job = load_job(args.job, args.overrides)
-    missing = path_problems(job)
-    if missing:  # the job cannot start: as much a problem of the job file as a typo
-        raise JobFileError(str(args.job), missing)
+    # The job cannot start: as much a problem of the job file as a typo.
+    problems = path_problems(job) or data_problems(job)
+    if isinstance(job, TrainJob):
+        problems += [f"trainer.{p}" for p in job.trainer.recipe_problems()]
+    if problems:
+        raise JobFileError(str(args.job), problems)
     for line in describe(job):
         _echo(line)
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -285,7 +324,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{args.job}: cannot run on {where}:", file=sys.stderr)
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
-        return 1
+        return 2  # a request the cluster can never hold: the user's to fix, as train says
     _echo(f"{args.job}: ok")
     return 0
 

@@ -3,7 +3,8 @@
 A job file names the model (an import reference plus arguments, or a saved model directory), the
 data (a parquet path/URI, or an import reference to a function that returns data), the trainer
 (validated by :class:`raytorch.TorchTrainer` itself) or the prediction options, and where
-outputs go. Files are read with ``yaml.safe_load`` only; strings are imported, never evaluated.
+outputs go. Files are read as safe YAML with limits (``raytorch.jobs.yaml_loader``); strings are
+imported, never evaluated.
 
 Modules next to the job file (``jobs/digits.py`` for ``jobs/train_digits.yaml``) are importable by
 plain name: the job's directory goes on ``sys.path`` of the driver, and the modules loaded from it
@@ -23,7 +24,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -35,16 +35,16 @@ from pydantic import (
 )
 
 from raytorch.cluster.trainer import TorchTrainer
-from raytorch.core.errors import ConfigError, ImportReferenceError, JobFileError
+from raytorch.core.errors import ConfigError, DataError, ImportReferenceError, JobFileError
 from raytorch.core.hints import with_hints
 from raytorch.core.predict_config import PredictConfig
 from raytorch.core.references import import_checked
+from raytorch.jobs.yaml_loader import MAX_BYTES, load_yaml
 
 Echo = Callable[[str], None]
 
 # "package.module:attr" (a data function) as opposed to a path or URI ("s3://bucket/x").
 _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 class _Strict(BaseModel):
@@ -138,10 +138,28 @@ class DataSource(_Strict):
     def _kwargs(self) -> dict[str, Any]:
         return {**self.kwargs, **({"rows": self.rows} if self.rows is not None else {})}
 
-    def load(self) -> Any:
-        """The data itself: what ``function(**kwargs)`` returns, or the path (limited to rows)."""
+    def load(self, field: str = "data") -> Any:
+        """The data itself: what ``function(**kwargs)`` returns, or the path (limited to rows).
+
+        Raises:
+            DataError: the function raised (named with the field and its error), or returned
+                nothing.
+        """
         if self.function is not None:
-            return import_checked(self.function, "function")(**self._kwargs())
+            function = import_checked(self.function, f"{field}.function")
+            try:
+                data = function(**self._kwargs())
+            except Exception as exc:
+                raise DataError(
+                    f"{field}.function={self.function!r} raised {type(exc).__name__}: {exc}; fix "
+                    "the function or its kwargs (--debug shows the traceback)"
+                ) from exc
+            if data is None:
+                raise DataError(
+                    f"{field}.function={self.function!r} returned None; return the rows (a "
+                    "pyarrow.Table, a list of dicts, a DataFrame, a ray.data.Dataset or a path)"
+                )
+            return data
         assert self.path is not None
         if self.rows is None:
             return self.path
@@ -227,7 +245,7 @@ _KINDS: dict[str, type[TrainJob] | type[PredictJob]] = {"train": TrainJob, "pred
 
 
 def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
-    """Parse ``key.sub=value`` items; values are YAML (``yaml.safe_load``), ``1e-3`` a float.
+    """Parse ``key.sub=value`` items; values are YAML as job files read it (``1e-3`` a float).
 
     Raises:
         JobFileError: an item without ``=`` or with an empty key.
@@ -239,11 +257,12 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:
             problems.append(f"override {item!r}: write it as dotted.key=value")
             continue
         try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
+            value = load_yaml(raw, f"override {key}") if raw else ""
+        except JobFileError as exc:
+            if "not valid YAML" not in str(exc):
+                problems.append(str(exc))
+                continue
             value = raw  # not YAML (e.g. "a: b: c"): keep the text
-        if isinstance(value, str) and _FLOAT.match(value):
-            value = float(value)  # YAML 1.1 reads 1e-3 as a string; everyone means a number
         parsed.append((key, value))
     if problems:
         raise JobFileError("command line", problems)
@@ -291,16 +310,18 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[tuple[str, Any]]
 
 
 def read_job_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The mapping a job file holds (``yaml.safe_load``), or a JobFileError naming the file."""
+    """The mapping a job file holds (safe YAML with limits, ``raytorch.jobs.yaml_loader``), or a
+    JobFileError naming the file."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_BYTES:
+            raise JobFileError(str(path), [f"the file is over {MAX_BYTES // 1024} KiB"])
         text = path.read_text()
     except OSError as exc:
         raise JobFileError(str(path), [f"cannot read the job file ({exc.strerror})"]) from exc
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise JobFileError(str(path), [f"not valid YAML: {exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise JobFileError(str(path), [f"not a text file ({exc.reason})"]) from exc
+    config = load_yaml(text, str(path))
     if config is None:
         config = {}
     if not isinstance(config, dict):

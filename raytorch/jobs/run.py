@@ -85,19 +85,26 @@ def build_model(spec: ModelSpec, default_identifier: str) -> Any:
     )
 
 
-def write_resolved(job: Job, run_dir: Path) -> Path:
-    """Write the job as run (file + overrides) to ``run_dir/job.yaml``; re-runnable as is."""
+def resolved_job(job: Job, path: str) -> str:
+    """The job as run (the file with its overrides applied), as the text of ``path``: a job file
+    that runs again as is."""
     config = dict(job._raw)
     # Absolute so the copy finds the same modules from wherever it is run.
     config["python_path"] = [str((job._base_dir / e).resolve()) for e in job.python_path]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "job.yaml"
     header = (
         f"# raytorch {job.kind} {path}\n# the job as run: the file with its overrides applied\n"
     )
     if job._source is not None:  # read back by `raytorch show` (differences from the file)
         header += f"# source: {job._source}\n# overrides: {json.dumps(job._overrides)}\n"
-    path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+def write_resolved(job: Job, run_dir: Path) -> Path:
+    """Write :func:`resolved_job` to ``run_dir/job.yaml``."""
+    from raytorch.engine.io import write_bytes
+
+    path = run_dir / "job.yaml"
+    write_bytes(path, resolved_job(job, str(path)).encode())
     return path
 
 
@@ -134,8 +141,8 @@ def _job_session(job: Job, address: str | None, echo: Echo) -> Iterator[None]:
 def run_train(job: TrainJob, *, address: str | None = None, echo: Echo = print) -> Any:
     """Fit the job's model on its data and return the TrainingResult.
 
-    The run directory (``trainer.storage_path/<run name>``) gets ``job.yaml`` before training
-    starts, so a failed run still records what it ran; the trainer adds the rest.
+    The run directory (``trainer.storage_path/<run name>``) gets ``job.yaml`` when the trainer
+    creates it (never again: a resumed run keeps the job it was started with).
     """
     with _job_session(job, address, echo):
         return _run_train(job, echo)
@@ -151,13 +158,12 @@ def _run_train(job: TrainJob, echo: Echo) -> Any:
     if lasting != trainer.storage_path:  # in a Ray job's temporary working copy
         trainer = trainer.model_copy(update={"storage_path": lasting})
         echo(f"a Ray job's working directory is temporary: runs go to {lasting}")
-    if "://" not in trainer.storage_path:  # an object-storage URI gets the trainer's files only
-        write_resolved(job, Path(trainer.storage_path) / str(trainer.run_name))
+    run_dir = join(trainer.storage_path, str(trainer.run_name))
     model = build_model(job.model, job.name)
-    train = job.data.train.load()
-    valid = job.data.valid.load() if job.data.valid is not None else None
-    echo(f"training {job.name}: run directory {join(trainer.storage_path, str(trainer.run_name))}")
-    result = trainer.fit(model, train, valid)
+    train = job.data.train.load("data.train")
+    valid = job.data.valid.load("data.valid") if job.data.valid is not None else None
+    echo(f"training {job.name}: run directory {run_dir}")
+    result = trainer.fit(model, train, valid, job_file=resolved_job(job, join(run_dir, "job.yaml")))
     echo(train_summary(result))
     return result
 
@@ -189,20 +195,20 @@ def run_predict(job: PredictJob, *, address: str | None = None, echo: Echo = pri
 
 def _run_predict(job: PredictJob, echo: Echo) -> Any:
     from raytorch.cluster.inference import predict_with
-    from raytorch.engine.io import lasting_path
+    from raytorch.engine.io import lasting_path, write_bytes
 
     run_dir = Path(lasting_path(str(job.output.dir))) / new_run_name(job.name)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_resolved(job, run_dir)
     # A saved model goes in by path, so the output records which model made it (resume checks).
     model = job.model.path or build_model(job.model, job.name)
-    data = job.data.load()
+    data = job.data.load("data")
     output = lasting_path(job.output.predictions) if job.output.predictions else None
     output = output or str(run_dir / "predictions")
     echo(f"predicting {job.name}: run directory {run_dir}")
     summary = predict_with(model, data, output, job.predict)
     record = {"status": "completed", "started_at": started_at, **summary.model_dump()}
-    (run_dir / "summary.json").write_text(json.dumps(record, indent=2))
+    write_bytes(run_dir / "summary.json", json.dumps(record, indent=2).encode())
     echo(
         f"rows: {summary.rows_read} read, {summary.rows_written} written, "
         f"{summary.rows_rejected} rejected in {summary.elapsed_s:.1f} s "
@@ -326,6 +332,31 @@ def path_problems(job: Job) -> list[str]:
             f"looked in {Path.cwd()}); give a directory TorchModel.save or a training run "
             "wrote (e.g. runs/<run>/checkpoints/best)"
         )
+    return problems
+
+
+def data_problems(job: Job) -> list[str]:
+    """What the footers of the job's local parquet inputs say against its key: missing columns,
+    unreadable files, files of different schemas (no row is read)."""
+    from raytorch.core.errors import DataError
+    from raytorch.engine.io import check_columns, open_source
+
+    if isinstance(job, TrainJob):
+        columns = job.trainer.layout().columns
+        sources = {"data.train": job.data.train, "data.valid": job.data.valid}
+    else:
+        columns = job.predict.columns
+        sources = {"data": job.data}
+    problems = []
+    for field, source in sources.items():
+        path = getattr(source, "path", None)
+        if path is None or "://" in path:
+            continue
+        try:
+            opened = open_source(path, f"{field}.path")
+            check_columns(opened.columns, columns, f"{field}.path")
+        except DataError as exc:
+            problems.append(str(exc))
     return problems
 
 

@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from raytorch.engine.infer.output import (
         JOB_FILE,
         MANIFEST_FILE,
+        OUTPUT_LOCK,
         SUCCESS_FILE,
         OutputLayout,
         PartWriter,
@@ -35,6 +36,7 @@ __all__, __getattr__, __dir__ = face(
     {
         "output": [
             "JOB_FILE",
+            "OUTPUT_LOCK",
             "MANIFEST_FILE",
             "SUCCESS_FILE",
             "OutputLayout",

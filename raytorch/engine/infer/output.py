@@ -39,6 +39,7 @@ COMMITTED_DIR = "_committed"
 JOB_FILE = "_job.json"
 MANIFEST_FILE = "_manifest.json"
 SUCCESS_FILE = "_SUCCESS"
+OUTPUT_LOCK = "_raytorch.lock"  # the driver that holds the output (raytorch.engine.io.claims)
 
 
 class _AtomicFile:
@@ -159,7 +160,7 @@ class OutputLayout:
         old = self._read_json(JOB_FILE)
         if old is None:
             entries = self.fs.get_file_info(pafs.FileSelector(self.path))
-            ours = {TMP_DIR}
+            ours = {TMP_DIR, OUTPUT_LOCK}
             if self.errors_path.rsplit("/", 1)[0] == self.path:  # the probe made it
                 ours.add(self.errors_path.rsplit("/", 1)[1])
             if any(e.base_name not in ours for e in entries):

@@ -20,6 +20,10 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         to_table,
         to_tensor,
     )
+    from raytorch.engine.io.claims import (
+        Claim,
+        read_holder,
+    )
     from raytorch.engine.io.download import (
         Download,
         download,
@@ -38,6 +42,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         join,
         lasting_path,
         leftovers,
+        overlaps,
         read_bytes,
         resolve,
         store_endpoint,
@@ -46,6 +51,12 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         upload_dir,
         write_bytes,
         write_error,
+    )
+    from raytorch.engine.io.interrupts import (
+        deferred_interrupts,
+        raise_on_sigterm,
+        raising_on_sigterm,
+        was_terminated,
     )
     from raytorch.engine.io.rows import (
         IN_COLUMN,
@@ -86,6 +97,16 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
 __all__, __getattr__, __dir__ = face(
     __name__,
     {
+        "interrupts": [
+            "deferred_interrupts",
+            "raise_on_sigterm",
+            "raising_on_sigterm",
+            "was_terminated",
+        ],
+        "claims": [
+            "Claim",
+            "read_holder",
+        ],
         "arrow": [
             "batch_columns",
             "column_to_numpy",
@@ -116,6 +137,7 @@ __all__, __getattr__, __dir__ = face(
             "join",
             "lasting_path",
             "leftovers",
+            "overlaps",
             "read_bytes",
             "resolve",
             "store_endpoint",

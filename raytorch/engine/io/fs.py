@@ -31,6 +31,19 @@ _WRITE_CAUSES = {
 }
 
 
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The ``OSError`` that ``exc`` is, or that caused it (a writer may raise its own error for
+    a failed write, with the ``OSError`` as its context), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and not isinstance(current, WriteError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def write_error(path: str | os.PathLike[str], exc: BaseException) -> WriteError:
     """A :class:`WriteError` naming ``path`` and the cause (no space, permission, gone, ...).
 
@@ -154,13 +167,12 @@ def atomic_write(path: Path, write: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise write_error(path, exc) from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        failed = os_error_in(exc)  # a writer may wrap it (torch.save: RuntimeError)
+        if failed is not None:
+            raise write_error(path, failed) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -182,6 +194,22 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def overlaps(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether one path or URI is the other or lies inside it (local paths resolved first).
+
+    >>> overlaps("/data/in", "/data/in/preds"), overlaps("s3://b/x", "s3://b/xy")
+    (True, False)
+    """
+
+    def norm(p: str | os.PathLike[str]) -> str:
+        text = os.fspath(p).removeprefix("file://")
+        text = text if is_uri(text) else str(Path(text).expanduser().resolve())
+        return text.rstrip("/")
+
+    first, second = norm(a), norm(b)
+    return first == second or first.startswith(second + "/") or second.startswith(first + "/")
 
 
 def resolve(path: str | os.PathLike[str]) -> tuple[Any, str]:

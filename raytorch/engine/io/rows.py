@@ -77,7 +77,12 @@ class RowMap:
         columns = self.layout.columns
         values = [row[c] for c in columns]
         if self.transform is not None:
-            values = self._transformed(values)
+            try:
+                values = self._transformed(values)
+            except DataError:
+                raise
+            except Exception as exc:
+                raise self._row_failure("transform", self.transform, values, exc) from exc
         n_in = len(self.layout.inputs)
         ins, target = values[:n_in], (values[n_in] if self.layout.target else None)
         if self.layout.multi:
@@ -87,11 +92,26 @@ class RowMap:
         else:
             inputs = ins[0]
         if self.preprocess is not None:
-            inputs = self.preprocess(inputs)
+            try:
+                inputs = self.preprocess(inputs)
+            except Exception as exc:
+                raise self._row_failure("the model's train preprocess", None, values, exc) from exc
         out = _flatten_inputs(inputs)
         if target is not None:
             out[TARGET_COLUMN] = _plain(target)
         return out
+
+    def _row_failure(self, what: str, fn: Any, values: list[Any], exc: Exception) -> DataError:
+        """The error of a row that ``what`` failed on, naming the row by its values."""
+        name = getattr(fn, "__qualname__", None)
+        shown = ", ".join(
+            f"{c}={_preview(v)}" for c, v in zip(self.layout.columns, values, strict=False)
+        )
+        return DataError(
+            f"{what}{f' ({name})' if name else ''} failed on the row {{{shown}}}: "
+            f"{type(exc).__name__}: {exc}; fix the function for such rows, or drop them from the "
+            "data"
+        )
 
     def _transformed(self, values: list[Any]) -> list[Any]:
         columns = self.layout.columns
@@ -118,6 +138,16 @@ class RowMap:
                 f"{columns} (a tuple in that order, or a dict by column name)"
             )
         return list(result)
+
+
+def _preview(value: Any) -> str:
+    """A row's value in a few characters (arrays and lists by size and first values)."""
+    if isinstance(value, (np.ndarray, torch.Tensor, list, tuple)) and len(value) > 3:
+        flat = np.asarray(value, dtype=object).reshape(-1)[:3].tolist()
+        shown = ", ".join(f"{v:.4g}" if isinstance(v, (int, float)) else repr(v) for v in flat)
+        return f"[{shown}, ... ({len(value)} values)]"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _plain(value: Any) -> Any:

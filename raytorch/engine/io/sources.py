@@ -210,6 +210,8 @@ def _files_source(data: Any, field: str) -> Source:
         files.append(DataFile(uri, groups))
     schema = schemas[0] if schemas else pa.schema([])
     single = os.fspath(data) if isinstance(data, (str, os.PathLike)) else None
+    given = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    roots = tuple(os.fspath(g) if is_uri(g) else str(Path(g).resolve()) for g in given)
     return Source(
         field,
         SourceKind.FILES,
@@ -218,6 +220,7 @@ def _files_source(data: Any, field: str) -> Source:
         files=tuple(files),
         uri=single,
         fingerprint=digest.hexdigest(),
+        roots=roots,
     )
 
 

@@ -31,7 +31,9 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     )
     from raytorch.engine.model.identity import (
         code_identity,
+        model_architecture,
         model_fingerprint,
+        plain_value,
     )
     from raytorch.engine.model.model import (
         TorchModel,
@@ -64,7 +66,9 @@ __all__, __getattr__, __dir__ = face(
         ],
         "identity": [
             "code_identity",
+            "model_architecture",
             "model_fingerprint",
+            "plain_value",
         ],
         "model": [
             "TorchModel",

@@ -100,3 +100,44 @@ def model_fingerprint(model: Any) -> str:
         digest.update(f"|{attr}=".encode())
         digest.update(code_identity(getattr(model, attr, None)).encode())
     return digest.hexdigest()[:32]
+
+
+def plain_value(value: Any) -> Any:
+    """A config value as JSON can hold it, the same for the same meaning in every process: an
+    importable callable by its reference, another callable by its code's identity, containers
+    element by element, anything else as a string."""
+    from raytorch.engine.io import reference_for
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v) for v in value]
+    if callable(value):
+        return reference_for(value) or f"code:{code_identity(value)[:16]}"
+    return f"{type(value).__name__}:{code_identity(value)[:16]}"
+
+
+def model_architecture(model: Any) -> dict[str, Any]:
+    """What a ``TorchModel`` is, independent of its current weights: its module's class and
+    construction, the names, shapes and types of its parameters and buffers, and the code that
+    shapes its training inputs (a resumed run's model holds other weights, not another model)."""
+    module = model.object
+    shapes = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        shapes.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+    factory = getattr(model, "factory", None)
+    return {
+        "class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "factory": None
+        if factory is None
+        else {
+            "target": factory.target,
+            "args": plain_value(list(factory.args)),
+            "kwargs": plain_value(dict(factory.kwargs)),
+        },
+        "parameters": shapes.hexdigest()[:32],
+        "train_forward": f"{model.train_forward_method}|{model.train_forward_signature}",
+        "train_preprocess": plain_value(model.train_preprocess or model.preprocess),
+    }

@@ -402,6 +402,23 @@ class TorchModel(BaseModel):
             update["object"] = copy.deepcopy(self.object).cpu()
         return self.model_copy(update=update)
 
+    def unpicklable(self, dumps: Callable[[Any], bytes]) -> str | None:
+        """The first attribute that ``dumps`` (the pickler a cluster uses) cannot pickle, as a
+        path (``object.encoder.lock (lock)``), or None when every one pickles."""
+        for name in type(self).model_fields:
+            if name in ("object", "trainer", "validation"):
+                continue
+            if _fails(dumps, getattr(self, name)):
+                return f"{name} ({type(getattr(self, name)).__name__})"
+        for path, module in self.object.named_modules():
+            for attr, value in vars(module).items():
+                if attr in ("_parameters", "_buffers", "_modules") or attr.startswith("__"):
+                    continue
+                if _fails(dumps, value):
+                    where = ".".join(p for p in ("object", path, attr) if p)
+                    return f"{where} ({type(value).__name__})"
+        return None
+
     # -- training
 
     def fit(self, train_data: Any, valid_data: Any = None, **kwargs: Any) -> Any:
@@ -463,3 +480,11 @@ class TorchModel(BaseModel):
         from raytorch.engine.model.files import load_model
 
         return load_model(cls, path, map_location, device, object, overrides)
+
+
+def _fails(dumps: Callable[[Any], bytes], value: Any) -> bool:
+    try:
+        dumps(value)
+    except Exception:
+        return True
+    return False

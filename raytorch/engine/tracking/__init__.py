@@ -32,6 +32,15 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from raytorch.engine.tracking.monitor import (
         TrainMonitor,
     )
+    from raytorch.engine.tracking.ownership import (
+        JOB_FILE,
+        LOCK_FILE,
+        RUN_FILE,
+        check_same_job,
+        claim_run,
+        job_identity,
+        recorded_identity,
+    )
     from raytorch.engine.tracking.result import (
         FINISHED,
         RunStatus,
@@ -67,6 +76,15 @@ __all__, __getattr__, __dir__ = face(
         ],
         "monitor": [
             "TrainMonitor",
+        ],
+        "ownership": [
+            "JOB_FILE",
+            "LOCK_FILE",
+            "RUN_FILE",
+            "check_same_job",
+            "claim_run",
+            "job_identity",
+            "recorded_identity",
         ],
         "result": [
             "FINISHED",

@@ -22,8 +22,18 @@ from typing import Any
 from raytorch.core.config import TrainerConfig
 from raytorch.core.errors import CheckpointError
 from raytorch.core.stopping import StopReason
-from raytorch.engine.io.fs import download_dir, is_uri, join, lasting_path, read_bytes, upload_dir
-from raytorch.engine.io.state import load_state, save_state, write_json
+from raytorch.engine.io import (
+    deferred_interrupts,
+    download_dir,
+    is_uri,
+    join,
+    lasting_path,
+    load_state,
+    read_bytes,
+    save_state,
+    upload_dir,
+    write_json,
+)
 from raytorch.engine.tracking.curve import plot_learning_curve
 from raytorch.engine.tracking.loggers import LoggerHub
 from raytorch.engine.tracking.result import FINISHED, RunStatus, TrainingResult
@@ -51,21 +61,22 @@ def write_failed(
     exc: BaseException,
     started_at: str | None = None,
 ) -> None:
-    """Mark a run that raised: ``result.json`` with ``status: failed`` and the error."""
-
+    """Mark a run that raised: ``result.json`` with ``status: failed`` (``interrupted`` for
+    Ctrl-C or SIGTERM) and the error. Its checkpoints stay: a re-run resumes from them."""
+    interrupted = isinstance(exc, KeyboardInterrupt)
     summary = {
         "run_name": run_name,
-        "status": "failed",
+        "status": RunStatus.INTERRUPTED.value if interrupted else RunStatus.FAILED.value,
         "error": f"{type(exc).__name__}: {exc}",
         "seed": seed,
         "started_at": started_at,
         "ended_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     try:
-        with _staged(run_dir) as local:
+        with deferred_interrupts(), _staged(run_dir) as local:
             write_json(local / "result.json", summary)
     except Exception as err:  # never hide the run's own error behind this one
-        logger.warning("could not mark %s as failed: %s", run_dir, err)
+        logger.warning("could not mark %s as %s: %s", run_dir, summary["status"], err)
 
 
 class _staged:
@@ -125,7 +136,9 @@ def write_run_dir(
     best_state: dict[str, Any] | None,
     loggers: LoggerHub | None = None,
 ) -> None:
-    with _staged(result.run_dir) as local:
+    """The run's files, ``result.json`` last; Ctrl-C or SIGTERM meanwhile is held until they
+    are written (then raised: the run completed, and its files say so)."""
+    with deferred_interrupts(), _staged(result.run_dir) as local:
         _write_run_files(local, result, cfg, best_state, loggers)
 
 

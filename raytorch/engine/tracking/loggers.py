@@ -30,6 +30,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from raytorch.core.errors import StorageError
+
 logger = logging.getLogger("raytorch")
 
 # What each optional logger imports, and the extra that installs it.
@@ -75,6 +77,10 @@ class RunLogger:
     def record(self) -> dict[str, Any]:
         """What ``result.json`` says of this logger (where its data went)."""
         return {}
+
+    def calls(self) -> contextlib.AbstractContextManager[None]:
+        """The context every call of this logger runs in (e.g. bounded network requests)."""
+        return contextlib.nullcontext()
 
 
 class TensorBoardLogger(RunLogger):
@@ -152,6 +158,45 @@ def _file_store_allowed(uri: str) -> Iterator[None]:
         os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
 
 
+# A tracking server must answer within this long, or the logger is switched off at once (an
+# unreachable server would otherwise stall the run in MLflow's retries for minutes).
+PROBE_TIMEOUT_S = 3.0
+# MLflow's HTTP limits for raytorch's calls, unless the user set them: a server that goes away
+# mid-run costs seconds per call, not minutes.
+_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def probe_tracking_server(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why an HTTP(S) tracking server does not answer within ``timeout_s``, or None (it does,
+    or the URI is not a server: a file or sqlite store)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return (
+            f"MLFLOW_TRACKING_URI={uri} does not answer within {timeout_s:g} s "
+            f"({exc.strerror or exc}); start the server or fix the URI"
+        )
+
+
+@contextlib.contextmanager
+def _mlflow_http_limits() -> Iterator[None]:
+    missing = {k: v for k, v in _MLFLOW_HTTP.items() if k not in os.environ}
+    os.environ.update(missing)
+    try:
+        yield
+    finally:
+        for key in missing:
+            os.environ.pop(key, None)
+
+
 def mlflow_tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI``, else the file store ``./mlruns`` (absolute)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -178,6 +223,9 @@ class MlflowLogger(RunLogger):
         from mlflow import MlflowClient
 
         self.uri = str((previous or {}).get("tracking_uri") or mlflow_tracking_uri())
+        problem = probe_tracking_server(self.uri)
+        if problem:
+            raise StorageError(problem)
         with _file_store_allowed(self.uri):
             self.client = MlflowClient(tracking_uri=self.uri)
         self.last_step = -1
@@ -252,6 +300,9 @@ class MlflowLogger(RunLogger):
                 self.client.log_artifacts(self.run_id, str(model_dir), f"model/{name}")
         self.client.set_terminated(self.run_id, _mlflow_status(str(summary.get("status"))))
 
+    def calls(self) -> contextlib.AbstractContextManager[None]:
+        return _mlflow_http_limits()
+
     def fail(self, status: str, error: str) -> None:
         self.client.set_tag(self.run_id, "raytorch.status", status)
         self.client.set_tag(self.run_id, "raytorch.error", error[:5000])
@@ -280,7 +331,8 @@ class LoggerHub:
     def _each(self, call: str, *args: Any) -> None:
         for item in list(self.loggers):
             try:
-                getattr(item, call)(*args)
+                with item.calls():
+                    getattr(item, call)(*args)
             except Exception as exc:
                 self.loggers.remove(item)
                 self.failures[item.name] = f"{type(exc).__name__}: {exc}"
@@ -306,14 +358,14 @@ class LoggerHub:
 
     def fail(self, status: str, error: str) -> None:
         for item in self.loggers:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), item.calls():
                 item.fail(status, error)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), item.calls():
                 item.close()
 
     def close(self) -> None:
         for item in self.loggers:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), item.calls():
                 item.close()
 
     def records(self) -> dict[str, Any]:
@@ -341,7 +393,8 @@ def open_loggers(
                 hub.loggers.append(TensorBoardLogger(run_dir))
             elif name == "mlflow":
                 previous = _read_mlflow_file(run_dir)
-                mlf = MlflowLogger(run_dir, run_name, experiment, params, previous)
+                with _mlflow_http_limits():
+                    mlf = MlflowLogger(run_dir, run_name, experiment, params, previous)
                 _write_mlflow_file(run_dir, mlf.record())
                 hub.loggers.append(mlf)
         except Exception as exc:

@@ -20,6 +20,7 @@ class RunStatus(str, Enum):
     NON_FINITE = "non_finite"  # the loss or the listened metric became NaN or inf
     DIVERGED = "diverged"  # the listened metric crossed divergence_threshold
     FAILED = "failed"  # fit raised (result.json only)
+    INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM ended it (result.json only; it resumes)
 
     def __str__(self) -> str:
         return self.value

@@ -204,7 +204,7 @@ def test_schedule_and_accumulation_resume_exactly(tmp_path):
             r"does not accept unknown 'step' \(did you mean 'step_size'\?\)",
         ),
         ({"lr_scheduler_kwargs": {"gamma": 0.5}}, r"lr_scheduler is None"),
-        ({"precision": "bf16"}, r"precision"),
+        ({"precision": "bf16-true"}, r"precision"),  # pure bf16: another recipe, refused
         ({"accumulate_grad_batches": 0}, r"accumulate_grad_batches"),
         ({"gradient_clip_algorithm": "l2"}, r"gradient_clip_algorithm"),
         (
@@ -216,6 +216,14 @@ def test_schedule_and_accumulation_resume_exactly(tmp_path):
 def test_recipe_config_errors_name_the_field_and_the_fix(over, match):
     with pytest.raises(ValueError, match=match):
         _cfg(**over)
+
+
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [("32-true", "32"), (32, "32"), ("bf16", "bf16-mixed"), (16, "16-mixed"), ("16", "16-mixed")],
+)
+def test_lightnings_precision_spellings_mean_what_they_mean_there(given, meant):
+    assert _cfg(precision=given).precision == meant
 
 
 def test_run_length_kwargs_are_filled_from_the_bounds():
