@@ -379,8 +379,12 @@ def test_a_finished_run_is_never_modified_by_a_rerun(tmp_path, ray_local):
     run_dir = tmp_path / "fixed"
     files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
-    # A re-run that would fail (no rows) returns the finished result and touches nothing.
-    again = trainer.fit(TorchModel("m", object=torch.nn.Linear(4, 2)), [], [])
+    # A re-run with no rows is refused on its data, and touches nothing (a finished run is
+    # returned only for the job that made it: the same model, data and settings).
+    with pytest.raises(DataError, match=r"train_data is an empty list"):
+        trainer.fit(TorchModel("m", object=torch.nn.Linear(4, 2)), [], [])
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
+    again = trainer.fit(TorchModel("m", object=torch.nn.Linear(4, 2)), rows[:150], rows[150:])
     assert again.reused and again.status.value == "completed"
     assert repr(again.history) == repr(first.history)  # NaN at iteration 0 on both
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files

@@ -23,8 +23,10 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         submit_predict_batches,
     )
     from raytorch.cluster.session import (
+        cluster_lost,
         cluster_nodes,
         ensure_ray,
+        exit_when_cluster_lost,
         override_env,
         ray_env,
     )
@@ -52,8 +54,10 @@ __all__, __getattr__, __dir__ = face(
             "submit_predict_batches",
         ],
         "session": [
+            "cluster_lost",
             "cluster_nodes",
             "ensure_ray",
+            "exit_when_cluster_lost",
             "override_env",
             "ray_env",
         ],

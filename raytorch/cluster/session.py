@@ -6,7 +6,10 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from raytorch.core.errors import ResourceError
@@ -99,6 +102,87 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         ray.init(address=address, **init_kwargs)
     if ours:  # ray.init replaces the SIGTERM handler with one that exits without a word
         raise_on_sigterm()
+    if address != "local" and not str(address).startswith("ray://"):
+        gcs = getattr(ray.get_runtime_context(), "gcs_address", None)
+        if gcs:
+            _ClusterWatch(str(gcs)).start()
+
+
+# -- a joined cluster that goes away
+
+# A joined cluster whose GCS port has not answered for this long is gone: the run cannot go on
+# (Ray would end the process without a word after a minute).
+LOST_AFTER_S = 15.0
+_WATCH_PERIOD_S = 3.0
+_LOST: list[str] = []  # why the joined cluster was given up, once it was
+_EXIT_WHEN_LOST: list[bool] = [False]
+_ON_LOST: list[Callable[[str], None]] = []  # what a run does then (its result.json says failed)
+
+
+@contextlib.contextmanager
+def when_cluster_lost(hook: Callable[[str], None]) -> Iterator[None]:
+    """Call ``hook(reason)`` from the watch if the joined cluster is lost during the block: the
+    driver's main thread may be inside a Ray call that never returns then."""
+    _ON_LOST.append(hook)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            _ON_LOST.remove(hook)
+
+
+def exit_when_cluster_lost(enabled: bool = True) -> None:
+    """The ``raytorch`` command: when the joined cluster is gone and the run does not end by
+    itself within a while, print why and exit 1 (a library call only logs it)."""
+    _EXIT_WHEN_LOST[0] = enabled
+
+
+def cluster_lost() -> str | None:
+    """Why the joined Ray cluster was given up for lost, or None while it answers."""
+    return _LOST[0] if _LOST else None
+
+
+class _ClusterWatch(threading.Thread):
+    """Polls the joined cluster's GCS port; once it stops answering, interrupts the main thread
+    (the run then ends as failed, naming the cause) and, in the command, exits if that does not
+    end it."""
+
+    def __init__(self, gcs_address: str) -> None:
+        super().__init__(name="raytorch-cluster-watch", daemon=True)
+        self.gcs_address = gcs_address
+
+    def run(self) -> None:
+        import _thread
+
+        import ray
+
+        silent_since: float | None = None
+        while ray.is_initialized():
+            time.sleep(_WATCH_PERIOD_S)
+            if _reachable(self.gcs_address, timeout_s=2.0):
+                silent_since = None
+                continue
+            silent_since = silent_since or time.monotonic()
+            if time.monotonic() - silent_since < LOST_AFTER_S:
+                continue
+            reason = (
+                f"the Ray cluster at {self.gcs_address} stopped answering (nothing for "
+                f"{LOST_AFTER_S:g} s: its head node went away); the run cannot go on. Its "
+                "checkpoints in storage_path are kept: run again with the same run_name once the "
+                "cluster is back"
+            )
+            _LOST.append(reason)
+            logger.error("%s", reason)
+            for hook in list(_ON_LOST):
+                with contextlib.suppress(Exception):
+                    hook(reason)
+            _thread.interrupt_main()
+            if _EXIT_WHEN_LOST[0]:
+                time.sleep(10.0)  # the run's own way out first (a Ray call may never return)
+                sys.stderr.write(f"raytorch: error: {reason}\n")
+                sys.stderr.flush()
+                os._exit(1)
+            return
 
 
 def _env(values: Mapping[str, str]) -> contextlib.AbstractContextManager[None]:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from raytorch.core.config import TrainerConfig, resolve_objective
-from raytorch.core.errors import ConfigError, DataError, ModelError
+from raytorch.core.errors import ClusterLostError, ConfigError, DataError, ModelError
 from raytorch.core.progress import show_progress
 from raytorch.core.resolve import resolve_callable
 from raytorch.core.resources import WorkerPlan
@@ -52,7 +52,7 @@ from raytorch.engine.tracking import (
     write_failed,
     write_run_dir,
 )
-from raytorch.engine.train import LoopResult
+from raytorch.engine.train import LoopResult, resolve_resume
 
 logger = logging.getLogger("raytorch")
 
@@ -188,6 +188,10 @@ class TorchTrainer(TrainerConfig):
             if is_finished(summary):
                 run_name = new_run_name(run_name)
                 logger.info("run %s already finished; training again as %s", run_dir, run_name)
+        # An explicit checkpoint is checked now: a wrong one must not leave a run directory.
+        resume_from = resolve_resume(self.resume_from) if self.resume_from is not None else None
+        if resume_from is not None:
+            logger.info("resuming from checkpoint %s", resume_from)
         with ray_env(), quiet_ray_data():
             ensure_ray()
             ray_up = time.time()
@@ -195,7 +199,7 @@ class TorchTrainer(TrainerConfig):
             # One driver at a time; run.json and job.yaml written once, when the run is created.
             claim = claim_run(run.run_dir, run.run_name, identity, job_file)
             try:
-                run.resume = self._resume(str(run.run_dir), resuming=run.run_name == self.run_name)
+                run.resume = resume_from or self._resume(str(run.run_dir), run.run_name)
                 monitor = self._monitor(run)
                 run.stamps = {"fit": started, "ray": ray_up, "planned": time.time()}
                 out = self._execute(model, run, monitor)
@@ -272,6 +276,7 @@ class TorchTrainer(TrainerConfig):
     def _execute(self, model: Any, run: _FitPlan, monitor: TrainMonitor) -> LoopResult:
         """Launch the workers (resuming where asked); a failure marks the run directory failed."""
         from raytorch.cluster.launcher import launch
+        from raytorch.cluster.session import cluster_lost, when_cluster_lost
 
         logger.info(
             "training %s on %d worker(s) (%s), seed %s, run directory %s",
@@ -281,25 +286,37 @@ class TorchTrainer(TrainerConfig):
             run.seed,
             run.run_dir,
         )
-        try:
-            return launch(
-                model,
-                self.resolved(),  # references imported here; workers get the objects
-                run.plan,
-                run.shards,
-                run.train_ds,
-                run.seed,
-                run.storage,
-                run.run_name,
-                run.resume,
-                monitor,
+
+        def lost(reason: str) -> None:
+            write_failed(
+                run.run_dir, run.run_name, run.seed, ClusterLostError(reason), run.started_at
             )
+
+        try:
+            with when_cluster_lost(lost):
+                return launch(
+                    model,
+                    self.resolved(),  # references imported here; workers get the objects
+                    run.plan,
+                    run.shards,
+                    run.train_ds,
+                    run.seed,
+                    run.storage,
+                    run.run_name,
+                    run.resume,
+                    monitor,
+                )
         except BaseException as exc:
-            # Nothing that looks complete: result.json says failed, checkpoints/last is not written.
+            # Nothing that looks complete: result.json says failed (or interrupted, for Ctrl-C
+            # and SIGTERM), checkpoints/last is not written; the checkpoints stay for a re-run.
             monitor.close()
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            monitor.loggers.fail(status, f"{type(exc).__name__}: {exc}")
-            write_failed(run.run_dir, run.run_name, run.seed, exc, run.started_at)
+            lost = cluster_lost() if isinstance(exc, KeyboardInterrupt) else None
+            error: BaseException = ClusterLostError(lost) if lost else exc
+            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            monitor.loggers.fail(status, f"{type(error).__name__}: {error}")
+            write_failed(run.run_dir, run.run_name, run.seed, error, run.started_at)
+            if error is not exc:
+                raise error from None
             raise
         finally:
             monitor.close()
@@ -370,16 +387,12 @@ class TorchTrainer(TrainerConfig):
         )
         return result
 
-    def _resume(self, run_dir: str, resuming: bool) -> str | None:
-        """The checkpoint to start from: ``resume_from``, or this run's own latest checkpoint
-        when ``run_name`` names a run that saved some (re-running a stopped run)."""
-        from raytorch.engine.train import latest_checkpoint, resolve_resume
+    def _resume(self, run_dir: str, run_name: str) -> str | None:
+        """This run's own latest checkpoint when ``run_name`` names a run that saved some
+        (re-running a stopped run); read under the run's claim."""
+        from raytorch.engine.train import latest_checkpoint
 
-        found = None
-        if self.resume_from is not None:
-            found = resolve_resume(self.resume_from)
-        elif self.run_name is not None and resuming:
-            found = latest_checkpoint(run_dir)
+        found = latest_checkpoint(run_dir) if run_name == self.run_name else None
         if found is not None:
             logger.info("resuming from checkpoint %s", found)
         return found

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from raytorch.core.errors import (
         BatchError,
         CheckpointError,
+        ClusterLostError,
         ColumnError,
         ConfigError,
         DataError,
@@ -197,6 +198,7 @@ __all__, __getattr__, __dir__ = face(
         "errors": [
             "BatchError",
             "CheckpointError",
+            "ClusterLostError",
             "ColumnError",
             "ConfigError",
             "DataError",

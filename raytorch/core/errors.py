@@ -191,6 +191,10 @@ class InferenceError(_FailedWith):
     """The model failed on a batch of a predict; the message names the batch's row ids."""
 
 
+class ClusterLostError(RunError, ConnectionError):
+    """The Ray cluster a run joined stopped answering mid-run."""
+
+
 class ReconciliationError(RunError, RuntimeError):
     """Rows read and rows written (plus rejected) do not add up."""
 

@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from raytorch.core.errors import RaytorchError, RunError, find_raytorch_error
+from raytorch.core.errors import RunError, find_raytorch_error
 from raytorch.core.progress import echo as _echo
 from raytorch.core.progress import show_progress
 from raytorch.engine.io import raise_on_sigterm, was_terminated
@@ -211,26 +211,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.debug:  # for this command only: main() may be called in a process that goes on
         log.setLevel(logging.DEBUG)
     previous = raise_on_sigterm()  # SIGTERM ends a run the way Ctrl-C does
+    _exit_when_cluster_lost(True)
     try:
         return int(_COMMANDS[args.command](args))
     except KeyboardInterrupt as exc:
+        lost = _cluster_lost()
+        if lost:  # the watch of a joined cluster interrupted the run
+            print(f"raytorch {args.command}: error: {lost}", file=sys.stderr)
+            return 1
         terminated = was_terminated(exc)
         what = "terminated (SIGTERM)" if terminated else "interrupted"
         print(f"raytorch {args.command}: {what}; a re-run resumes from the run's last "
               "checkpoint", file=sys.stderr)  # fmt: skip
         _stop_ray()
         return 143 if terminated else 130
-    except OSError as exc:  # a read or write raytorch did not expect to fail (a full disk)
-        if args.debug or isinstance(exc, RaytorchError):
-            raise
-        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"raytorch {args.command}: error: could not read or write{where}: "
-              f"{exc.strerror or exc}", file=sys.stderr)  # fmt: skip
-        return 1
     except Exception as exc:
         found: BaseException | None = find_raytorch_error(exc)
         if found is None and _is_validation_error(exc):
             found = exc  # pydantic's config errors (a model or trainer built in job code)
+        if found is None and isinstance(exc, OSError) and not args.debug:
+            # A read or write raytorch did not expect to fail (a full disk): named, exit 1.
+            where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+            print(f"raytorch {args.command}: error: could not read or write{where}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)  # fmt: skip
+            return 1
         if found is None or args.debug:
             raise
         # The message says what, where and what to do; a traceback (and Ray's wrapping of a
@@ -239,8 +243,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if isinstance(found, RunError) else 2
     finally:
         log.setLevel(level)
+        _exit_when_cluster_lost(False)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_when_cluster_lost(enabled: bool) -> None:
+    from raytorch.cluster.session import exit_when_cluster_lost  # no Ray import
+
+    exit_when_cluster_lost(enabled)
+
+
+def _cluster_lost() -> str | None:
+    from raytorch.cluster.session import cluster_lost
+
+    return cluster_lost()
 
 
 def _stop_ray() -> None:

@@ -229,3 +229,22 @@ def test_loggers_are_checked_by_name_and_once_each(tmp_path):
         small_trainer(tmp_path, "x", loggers=["wandb"])
     with pytest.raises(ValidationError, match=r"loggers: \['csv'\] given more than once"):
         small_trainer(tmp_path, "x", loggers=["csv", "csv"])
+
+
+def test_an_unreachable_tracking_server_is_reported_at_once_and_switched_off(
+    tmp_path, monkeypatch, caplog
+):
+    pytest.importorskip("mlflow")
+    import time
+
+    from raytorch.engine.tracking import open_loggers
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="raytorch"):
+        hub = open_loggers(["mlflow"], tmp_path / "run", "r", "exp", {"lr": 0.1})
+    assert time.monotonic() - started < 10  # not MLflow's minutes of retries
+    assert hub.loggers == []
+    assert "does not answer within 3 s" in hub.failures["mlflow"]
+    assert "mlflow logger could not start" in caplog.text and "training goes on" in caplog.text
+    assert hub.records()["mlflow"]["ok"] is False
