@@ -424,3 +424,27 @@ def test_a_failing_data_function_names_the_field(ray_local, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2, err
     assert "data.train.function='broken:load' raised FileNotFoundError: the bucket moved" in err
+
+
+def test_a_corrupt_page_of_training_data_names_the_input(ray_local, tmp_path):
+    """The footer reads well (opening the source passes); a page behind it does not."""
+    from raytorch.core.errors import DataError
+
+    train, valid = digits_rows(200)
+    table = pa.table(
+        {
+            "x": pa.array([r["x"] for r in train], pa.list_(pa.float32(), 64)),
+            "y": [r["y"] for r in train],
+        }
+    )
+    folder = tmp_path / "train"
+    folder.mkdir()
+    path = folder / "f.parquet"
+    pq.write_table(table, path, row_group_size=50, compression="NONE")
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 20] = b"\xff" * 20  # the page header
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train_data: 1 parquet file\(s\) under .*train could not"):
+        small_trainer(tmp_path, "t", max_iterations=2).fit(mlp(), str(folder), valid)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
