@@ -287,13 +287,13 @@ class TorchTrainer(TrainerConfig):
             run.run_dir,
         )
 
-        def lost(reason: str) -> None:
+        def mark_lost(reason: str) -> None:
             write_failed(
                 run.run_dir, run.run_name, run.seed, ClusterLostError(reason), run.started_at
             )
 
         try:
-            with when_cluster_lost(lost):
+            with when_cluster_lost(mark_lost):
                 return launch(
                     model,
                     self.resolved(),  # references imported here; workers get the objects

@@ -22,7 +22,7 @@ from raytorch.engine.model import TorchModel
 def negative_is_bad(x: np.ndarray) -> torch.Tensor:
     if float(x[0]) < 0:
         raise ValueError(f"negative value {float(x[0])}")
-    return torch.as_tensor(x)
+    return torch.tensor(x)  # a copy: rows are read-only views of Arrow buffers
 
 
 def _model(**options: object) -> TorchModel:
