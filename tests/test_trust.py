@@ -31,6 +31,7 @@ from raytorch.core.references import import_checked
 from raytorch.core.stopping import EarlyStopping, Mode, StopReason, default_mode
 from raytorch.engine.model import TorchModel, code_identity
 from raytorch.engine.train import InProcessContext, latest_checkpoint, load_resume, run_loop
+from tests._loop import loop_config
 
 # -- loading never runs code it did not ask for
 
@@ -174,17 +175,8 @@ def _regression(n: int = 3, rows: int = 8):
 
 
 def _cfg(**over) -> TrainerConfig:
-    base = {
-        "identifier": "t",
-        "key": ["x", "y"],
-        "objective": "mse",
-        "optimizer_cls": "SGD",
-        "optimizer_kwargs": {"lr": 0.01},
-        "max_iterations": 3,
-        "validation_interval": 1,
-        "seed": 0,
-    }
-    return TrainerConfig.model_validate({**base, **over})
+    defaults = {"objective": "mse", "optimizer_kwargs": {"lr": 0.01}, "max_iterations": 3}
+    return loop_config(**{**defaults, "validation_interval": 1, **over})
 
 
 @pytest.mark.parametrize("objective", ["mse", "l1", "smooth_l1", "bce_with_logits"])

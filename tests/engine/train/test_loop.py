@@ -14,6 +14,7 @@ from raytorch.core.metrics import Metric
 from raytorch.core.stopping import StopReason
 from raytorch.engine.model import TorchModel
 from raytorch.engine.train import InProcessContext, TensorBatches, equal_steps, run_loop
+from tests._loop import loop_config
 
 
 def _model(seed: int = 0) -> TorchModel:
@@ -32,16 +33,7 @@ def _batches(n: int, rows: int = 8, seed: int = 0, shift: float = 0.0):
 
 
 def _cfg(**over) -> TrainerConfig:
-    base = {
-        "identifier": "t",
-        "key": ["x", "y"],
-        "objective": "cross_entropy",
-        "optimizer_cls": "SGD",
-        "optimizer_kwargs": {"lr": 0.1},
-        "metric_values": ["accuracy"],
-        "seed": 0,
-    }
-    return TrainerConfig.model_validate({**base, **over})
+    return loop_config(**{"objective": "cross_entropy", "metric_values": ["accuracy"], **over})
 
 
 def _run(cfg, train, valid, model=None, **ctx_kwargs):

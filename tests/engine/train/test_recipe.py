@@ -11,6 +11,7 @@ from raytorch.core.config import TrainerConfig
 from raytorch.core.errors import ConfigError
 from raytorch.engine.model import TorchModel
 from raytorch.engine.train import InProcessContext, latest_checkpoint, run_loop
+from tests._loop import loop_config
 
 
 def _model(seed: int = 0) -> TorchModel:
@@ -27,18 +28,8 @@ def _data(batches: int, rows: int, seed: int = 0):
 
 
 def _cfg(**over) -> TrainerConfig:
-    base = {
-        "identifier": "t",
-        "key": ["x", "y"],
-        "objective": "mse",
-        "optimizer_cls": "SGD",
-        "optimizer_kwargs": {"lr": 0.1},
-        "max_iterations": 8,
-        "validation_interval": 1,
-        "no_improve_then_stop": 0,
-        "seed": 0,
-    }
-    return TrainerConfig.model_validate({**base, **over})
+    defaults = {"objective": "mse", "max_iterations": 8, "validation_interval": 1}
+    return loop_config(**{**defaults, "no_improve_then_stop": 0, **over})
 
 
 def _run(cfg, train, valid=None, model=None, **ctx):
