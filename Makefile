@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ROWS ?= 2000000
 
-.PHONY: setup run test lint typecheck pytest bench predict-demo clean
+.PHONY: setup run test lint typecheck pytest bench predict-demo docs clean
 
 setup: $(VENV)/.installed
 
@@ -41,3 +41,6 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+
+docs: setup          ## the API reference, from the docstrings: docs/api/index.html
+	$(VENV)/bin/pdoc -o docs/api raytorch raytorch.core.errors

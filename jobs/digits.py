@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raytorch import torchmodel
+from raytorch import Callback, torchmodel
 
 FEATURES = 64  # digits are 8x8 images, flattened
 
@@ -28,6 +28,18 @@ class MLP(torch.nn.Sequential):
         super().__init__(
             torch.nn.Linear(d_in, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, d_out)
         )
+
+
+class StopAtAccuracy(Callback):
+    """Stop as soon as the validation accuracy reaches ``target`` (a job's callback:
+    ``callbacks: [{class: "digits:StopAtAccuracy", kwargs: {target: 0.95}}]``)."""
+
+    def __init__(self, target: float = 0.95):
+        self.target = target
+
+    def on_validation(self, run, iteration, metrics):
+        if metrics.get("valid/accuracy", 0.0) >= self.target:
+            run.request_stop(f"valid/accuracy reached {self.target} at iteration {iteration}")
 
 
 def load_split(

@@ -20,10 +20,17 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from raytorch.cluster.trainer import TorchTrainer, evaluate
     from raytorch.core.batching import create_batch, unpack_batch
     from raytorch.core.devices import DeviceChoice, choose_device
+    from raytorch.core.extensions import Callback, RunHandle, RunLogger
     from raytorch.core.metrics import Metric
     from raytorch.core.stopping import EarlyStopping, StopReason
     from raytorch.engine.model import BasicDataset, TorchModel, torchmodel
-    from raytorch.engine.tracking import TrainingResult
+    from raytorch.engine.tracking import (
+        MaxTime,
+        MlflowLogger,
+        TensorBoardLogger,
+        TrainingResult,
+        WandbLogger,
+    )
 
 __version__ = "0.1.0"
 
@@ -32,6 +39,9 @@ _LAZY = {
     "create_batch": "raytorch.core.batching",
     "unpack_batch": "raytorch.core.batching",
     "DeviceChoice": "raytorch.core.devices",
+    "Callback": "raytorch.core.extensions",
+    "RunHandle": "raytorch.core.extensions",
+    "RunLogger": "raytorch.core.extensions",
     "choose_device": "raytorch.core.devices",
     "TorchModel": "raytorch.engine.model",
     "torchmodel": "raytorch.engine.model",
@@ -41,6 +51,10 @@ _LAZY = {
     "Metric": "raytorch.core.metrics",
     "TorchTrainer": "raytorch.cluster.trainer",
     "TrainingResult": "raytorch.engine.tracking",
+    "TensorBoardLogger": "raytorch.engine.tracking",
+    "MlflowLogger": "raytorch.engine.tracking",
+    "WandbLogger": "raytorch.engine.tracking",
+    "MaxTime": "raytorch.engine.tracking",
     "evaluate": "raytorch.cluster.trainer",
     "predict": "raytorch.cluster.inference",
     "PredictSummary": "raytorch.cluster.inference",
@@ -48,18 +62,25 @@ _LAZY = {
 
 __all__ = [
     "BasicDataset",
+    "Callback",
     "DeviceChoice",
     "EarlyStopping",
+    "MaxTime",
     "Metric",
+    "MlflowLogger",
     "PredictSummary",
     "RaytorchError",
     "RunError",
+    "RunHandle",
+    "RunLogger",
     "Signature",
     "StopReason",
+    "TensorBoardLogger",
     "TorchModel",
     "TorchTrainer",
     "TrainingResult",
     "UserError",
+    "WandbLogger",
     "choose_device",
     "create_batch",
     "evaluate",

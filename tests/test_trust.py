@@ -76,10 +76,15 @@ def test_an_edited_model_file_never_runs_the_code_it_names(tmp_path, where, ref)
 
     _edit_manifest(path, edit)
     refusal = r"model\.json.*(is refused|not a torch\.nn\.Module class)"
+    # A plain Linear object needs object= to load: given, the edited settings are read.
+    given = {} if where in ("factory", "class") else {"object": torch.nn.Linear(3, 2)}
     with pytest.raises(CheckpointError, match=refusal) as info:
-        TorchModel.load(path)
+        TorchModel.load(path, **given)
     assert ref in str(info.value)
     assert not marker.exists()
+    if given:  # without object=, that need is said first, before anything in the file is read
+        with pytest.raises(CheckpointError, match=r"object=Linear\(\.\.\.\)\) loads its"):
+            TorchModel.load(path)
 
 
 def test_a_malformed_model_manifest_is_refused_naming_the_file(tmp_path):
@@ -546,12 +551,13 @@ def test_the_progress_sink_outlives_a_fit(ray_local):
     from raytorch.cluster.launcher import _progress_sink
 
     first = _progress_sink()
-    first.put.remote("a line")
+    first.put.remote("fit-1", "a line")
     del first
     gc.collect()
     time.sleep(1.0)  # time for Ray to destroy an unreferenced actor
     again = _progress_sink()
-    assert ray_local.get(again.drain.remote(), timeout=30) == ["a line"]
+    assert ray_local.get(again.drain.remote("fit-2"), timeout=30) == []  # a channel each fit
+    assert ray_local.get(again.drain.remote("fit-1"), timeout=30) == ["a line"]
 
 
 @pytest.mark.parametrize(

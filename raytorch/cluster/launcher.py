@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
+import uuid
 from typing import Any
 
 from raytorch.cluster.compat import train_start_timeout
 from raytorch.cluster.session import cluster_nodes, override_env, schedule_problem
 from raytorch.cluster.shipping import shipping
-from raytorch.cluster.worker import ProgressSink, ShardSpec, task_main, train_main
+from raytorch.cluster.worker import Channel, ProgressSink, ShardSpec, task_main, train_main
 from raytorch.core.config import TrainerConfig
 from raytorch.core.errors import RaytorchError, TrainingError, find_raytorch_error
 from raytorch.core.failure import Action, FailureKind, FailureStatus, decide
@@ -37,26 +39,34 @@ logger = logging.getLogger("raytorch")
 
 
 class _Drain:
-    """A driver thread that moves progress events from the sink actor to the run's monitor
-    (``raytorch.engine.tracking.monitor``: the display and the loggers)."""
+    """A driver thread that moves progress events from the fit's channel of the sink actor to
+    the run's monitor (``raytorch.engine.tracking.monitor``: the display, the loggers and the
+    callbacks)."""
 
-    def __init__(self, sink: Any, monitor: TrainMonitor, period_s: float = 0.3) -> None:
-        self.sink, self.monitor, self.period_s = sink, monitor, period_s
+    def __init__(self, channel: Channel, monitor: TrainMonitor, period_s: float = 0.3) -> None:
+        self.channel, self.monitor, self.period_s = channel, monitor, period_s
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="raytorch-progress", daemon=True)
+        self.pending: Any = None  # a drain asked for and not yet answered: never asked twice
 
-    def _emit(self) -> None:
+    def _emit(self, wait_s: float = 10.0) -> None:
         import ray
 
         try:
-            events = ray.get(self.sink.drain.remote(), timeout=10)
+            if self.pending is None:
+                self.pending = self.channel.drain()
+            ready, _ = ray.wait([self.pending], timeout=wait_s)
+            if not ready:  # slow: the same request is awaited next time, so nothing is lost
+                return
+            events, self.pending = ray.get(self.pending), None
         except Exception as exc:  # progress is best effort; never fail a run because of it
+            self.pending = None
             logger.debug("progress events could not be fetched: %s", exc)
             return
         for event in events:
             try:
                 self.monitor.handle(event)
-            except Exception as exc:
+            except BaseException as exc:  # the thread goes on: a waiting worker needs it
                 logger.warning("a progress event could not be shown: %s", exc)
 
     def _run(self) -> None:
@@ -70,7 +80,7 @@ class _Drain:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
-        self._emit()
+        self._emit(wait_s=30.0)
 
 
 # The driver's progress sink, per Ray job: the handle is kept here because Ray destroys an actor
@@ -92,7 +102,8 @@ def _progress_sink() -> Any:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         sink = (
             ray.remote(num_cpus=0)(ProgressSink)
-            .options(name=f"raytorch-progress-{job}", scheduling_strategy=here)
+            # One per driver process (a sweep's trials are drivers of their own in one job).
+            .options(name=f"raytorch-progress-{job}-{os.getpid()}", scheduling_strategy=here)
             .remote()
         )
         _SINKS.clear()  # handles of an earlier Ray session are of no use
@@ -123,15 +134,20 @@ def launch(
             or workers died more than ``max_failures`` times.
     """
 
-    sink = _progress_sink()
+    sink = Channel(_progress_sink(), uuid.uuid4().hex)
     if plan.message:
         logger.warning(plan.message)
-    with _Drain(sink, monitor or TrainMonitor()):
+    monitor = monitor or TrainMonitor()
+    # With callbacks, rank 0 waits at every validation for their answer: drain often.
+    decides = bool(monitor.callbacks)
+    if decides:
+        monitor.answer = sink.decide
+    with _Drain(sink, monitor, period_s=0.05 if decides else 0.3):
         if plan.num_workers == 1:
             run_dir = join(storage_path, run_name)
-            return _run_task(model, cfg, plan, shards[0], seed, sink, run_dir, resume)
+            return _run_task(model, cfg, plan, shards[0], seed, sink, run_dir, resume, decides)
         return _fit_ray_train(
-            model, cfg, plan, shards, train_ds, seed, sink, storage_path, run_name, resume
+            model, cfg, plan, shards, train_ds, seed, sink, storage_path, run_name, resume, decides
         )
 
 
@@ -152,6 +168,7 @@ def _run_task(
     sink: Any,
     run_dir: str,
     resume: str | None,
+    decides: bool = False,
 ) -> LoopResult:
     """One worker as a Ray task; when its process dies, run it again as ``decide`` says (from
     the last checkpoint, up to ``max_failures`` times; an exception raised by the user's code is
@@ -166,7 +183,7 @@ def _run_task(
     while True:
         try:
             with shipping(model):
-                ref = remote.remote(model, cfg, shard, seed, sink, run_dir, resume, reason)
+                ref = remote.remote(model, cfg, shard, seed, sink, run_dir, resume, reason, decides)
             return _await_task(ref, plan.options)
         except ray.exceptions.RayTaskError as exc:
             error = find_raytorch_error(exc)
@@ -277,6 +294,7 @@ def _fit_ray_train(
     storage_path: str,
     run_name: str,
     resume: str | None = None,
+    decides: bool = False,
 ) -> LoopResult:
     from ray.train import (
         CheckpointConfig,
@@ -298,6 +316,7 @@ def _fit_ray_train(
             "seed": seed,
             "sink": sink,
             "resume": resume,
+            "decides": decides,
         },
         scaling_config=ScalingConfig(
             num_workers=plan.num_workers,

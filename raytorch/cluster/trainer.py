@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -93,6 +92,14 @@ class _Sources:
 
 
 @dataclass
+class _Extensions:
+    """The run's callbacks and logger objects, built before anything starts."""
+
+    callbacks: list[Any]
+    loggers: list[Any]
+
+
+@dataclass
 class _FitPlan:
     """What ``fit`` decided on the driver before any worker starts."""
 
@@ -155,11 +162,8 @@ class TorchTrainer(TrainerConfig):
         show_progress()
         from raytorch.cluster.compat import quiet_ray_data
         from raytorch.cluster.session import ensure_ray, ray_env
-        from raytorch.engine.tracking import missing_extras
 
-        missing = missing_extras(self.loggers)
-        if missing:  # before Ray starts: a missing package should cost a second
-            raise ConfigError("\n".join(missing))
+        extensions = self._extensions()  # before Ray starts: a bad one should cost a second
         check_stores(
             storage_path=self.storage_path,
             resume_from=self.resume_from,
@@ -200,7 +204,7 @@ class TorchTrainer(TrainerConfig):
             claim = claim_run(run.run_dir, run.run_name, identity, job_file)
             try:
                 run.resume = resume_from or self._resume(str(run.run_dir), run.run_name)
-                monitor = self._monitor(run)
+                monitor = self._monitor(run, extensions)
                 run.stamps = {"fit": started, "ray": ray_up, "planned": time.time()}
                 out = self._execute(model, run, monitor)
             except BaseException:
@@ -210,6 +214,35 @@ class TorchTrainer(TrainerConfig):
             return self._finalize(model, run, out, started, monitor)
         finally:
             claim.release()
+
+    def _extensions(self) -> _Extensions:
+        """The run's callbacks and loggers, built; a logger whose package is missing refused.
+
+        Raises:
+            ConfigError: a callback or logger whose constructor raised, or a missing package.
+        """
+        from raytorch.engine.tracking import build_callbacks, build_logger, missing_extras
+
+        extensions = _Extensions(
+            build_callbacks(self.callbacks, self.max_time),
+            [
+                build_logger(spec, i, self.mlflow_log_model)
+                for i, spec in enumerate(self.loggers)
+                if spec != "csv"
+            ],
+        )
+        missing = missing_extras(extensions.loggers)
+        if missing:
+            raise ConfigError("\n".join(missing))
+        return extensions
+
+    def extension_problems(self) -> list[str]:
+        """What ``fit`` would refuse in ``callbacks`` and ``loggers`` (``raytorch check``)."""
+        try:
+            self._extensions()
+        except ConfigError as exc:
+            return str(exc).splitlines()
+        return []
 
     def _sources(self, model: Any, train_data: Any, valid_data: Any) -> _Sources:
         """Open and check the inputs (footers, schemas, columns, types; a table's values)."""
@@ -227,17 +260,17 @@ class TorchTrainer(TrainerConfig):
             check_source(valid, columns, values=values)
         return _Sources(train, valid, row_map)
 
-    def _monitor(self, run: _FitPlan) -> TrainMonitor:
-        """The run's progress display and loggers (one writer each, on the driver)."""
+    def _monitor(self, run: _FitPlan, extensions: _Extensions) -> TrainMonitor:
+        """The run's progress display, loggers and callbacks (on the driver)."""
+        from raytorch.core.extensions import RunHandle
         from raytorch.core.live import TrainDisplay
-        from raytorch.engine.tracking import open_loggers
+        from raytorch.engine.tracking import CallbackHub, open_loggers
 
         params = self.model_dump(mode="json", exclude={"optimizer_state"}, fallback=repr)
-        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or self.identifier
-        hub = open_loggers(
-            [n for n in self.loggers if n != "csv"], run.run_dir, run.run_name, experiment, params
-        )
-        return TrainMonitor(TrainDisplay(self.max_iterations, self.epochs), hub)
+        handle = RunHandle(run.run_name, run.run_dir, params)
+        hub = open_loggers(extensions.loggers, handle, params)
+        callbacks = CallbackHub(extensions.callbacks, handle)
+        return TrainMonitor(TrainDisplay(self.max_iterations, self.epochs), hub, callbacks)
 
     def _plan(self, model: Any, sources: _Sources, run_name: str | None) -> _FitPlan:
         """Seed, workers, data shards and the run directory: everything decided before training."""
@@ -293,6 +326,9 @@ class TorchTrainer(TrainerConfig):
             )
 
         try:
+            monitor.callbacks.fit_start()
+            if monitor.callbacks.failure is not None:
+                raise monitor.callbacks.failure
             with when_cluster_lost(mark_lost):
                 return launch(
                     model,
@@ -312,9 +348,13 @@ class TorchTrainer(TrainerConfig):
             monitor.close()
             lost = cluster_lost() if isinstance(exc, KeyboardInterrupt) else None
             error: BaseException = ClusterLostError(lost) if lost else exc
+            if monitor.callbacks.failure is not None:  # the workers stopped because of it
+                error = monitor.callbacks.failure
             status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
             monitor.loggers.fail(status, f"{type(error).__name__}: {error}")
             write_failed(run.run_dir, run.run_name, run.seed, error, run.started_at)
+            if error is monitor.callbacks.failure:
+                raise error from error.__cause__  # the callback's own exception
             if error is not exc:
                 raise error from None
             raise
@@ -364,6 +404,13 @@ class TorchTrainer(TrainerConfig):
             listen=self.stopping().key,
             started_at=run.started_at,
         )
+        monitor.callbacks.fit_end(result)
+        failure = monitor.callbacks.failure
+        if failure is not None:  # a callback raised: the run failed there, its files kept
+            monitor.loggers.fail("failed", f"{type(failure).__name__}: {failure}")
+            monitor.loggers.close()
+            write_failed(run.run_dir, run.run_name, run.seed, failure, run.started_at)
+            raise failure
         try:
             write_run_dir(result, self, out.best_state_dict, monitor.loggers)
         finally:

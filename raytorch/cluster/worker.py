@@ -27,17 +27,61 @@ from raytorch.engine.train import Batch, LoopResult, TensorBatches, WorkerContex
 
 
 class ProgressSink:
-    """A zero-CPU actor holding progress lines and events until the driver drains them."""
+    """A zero-CPU actor holding progress lines and events until the driver drains them, and
+    the driver's answers to validations that wait for its callbacks (``decide``).
+
+    One sink serves every fit of a driver process; each fit has a channel of its own (a
+    ``Channel`` key), so fits that run at once (a sweep's trials) never see each other's events.
+    """
 
     def __init__(self) -> None:
-        self.lines: list[Any] = []
+        self.lines: dict[str, list[Any]] = {}
+        self.answers: dict[str, tuple[str | None, str]] = {}
+
+    def put(self, channel: str, line: Any) -> None:
+        self.lines.setdefault(channel, []).append(line)
+
+    def drain(self, channel: str) -> list[Any]:
+        return self.lines.pop(channel, [])
+
+    def decide(self, ask: str, stop_reason: str | None, message: str) -> None:
+        self.answers[ask] = (stop_reason, message)
+
+    def decision(self, ask: str) -> tuple[str | None, str] | None:
+        """The driver's answer to ``ask`` (taken once), or None while it has not answered."""
+        return self.answers.pop(ask, None)
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One fit's way into the driver's sink (picklable: the workers get it)."""
+
+    sink: Any
+    key: str
 
     def put(self, line: Any) -> None:
-        self.lines.append(line)
+        self.sink.put.remote(self.key, line)
 
-    def drain(self) -> list[Any]:
-        out, self.lines = self.lines, []
-        return out
+    def drain(self) -> Any:
+        """An object ref of the lines waiting (taken from the sink)."""
+        return self.sink.drain.remote(self.key)
+
+    def decide(self, ask: str, stop_reason: str | None, message: str) -> None:
+        self.sink.decide.remote(ask, stop_reason, message)
+
+    def decision(self, ask: str) -> tuple[str | None, str] | None:
+        import ray
+
+        return ray.get(self.sink.decision.remote(ask))  # type: ignore[no-any-return]
+
+
+# How often rank 0 asks the sink for the driver's answer, how long between its notes that it
+# still waits (a callback that takes long holds every worker at that validation), and when it
+# goes on without the answer (the driver's thread is gone; going on is safe: rank 0 alone
+# decides, and the all-reduce keeps every rank in step).
+_POLL_S = 0.02
+_WAIT_NOTE_S = 60.0
+_WAIT_LIMIT_S = 600.0
 
 
 @dataclass
@@ -69,8 +113,10 @@ class RayContext(WorkerContext):
         ray_train: bool = False,
         run_dir: str | None = None,
         resume: str | None = None,
+        decides: bool = False,
     ) -> None:
         self.cfg, self.shards, self.seed, self.sink = cfg, shards, seed, sink
+        self.decides = decides and sink is not None
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.ray_train = ray_train
         self.run_dir, self.resume = run_dir, resume
@@ -183,7 +229,12 @@ class RayContext(WorkerContext):
             if checkpoint_dir is not None and self.run_dir is not None:
                 from raytorch.engine.train import publish_checkpoint
 
-                publish_checkpoint(checkpoint_dir, self.run_dir, self.cfg.checkpoint_num_to_keep)
+                path = publish_checkpoint(
+                    checkpoint_dir, self.run_dir, self.cfg.checkpoint_num_to_keep
+                )
+                if self.decides:
+                    iteration = int(metrics["iteration"])
+                    self.event({"kind": "checkpoint", "iteration": iteration, "path": path})
             return
         import ray.train
 
@@ -191,6 +242,9 @@ class RayContext(WorkerContext):
             ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         )
         ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None and self.rank == 0 and self.decides:
+            # Stored by Ray Train under the run directory; the driver finds it by iteration.
+            self.event({"kind": "checkpoint", "iteration": int(metrics["iteration"])})
 
     def restored_checkpoint(self) -> Path | None:
         """Ray Train's checkpoint after a group restart, else the driver's ``resume``."""
@@ -211,11 +265,36 @@ class RayContext(WorkerContext):
 
     def progress(self, line: str) -> None:
         if self.sink is not None:
-            self.sink.put.remote(line)
+            self.sink.put(line)
 
     def event(self, event: dict[str, Any]) -> None:
         if self.sink is not None:
-            self.sink.put.remote(event)
+            self.sink.put(event)
+
+    def driver_decision(self, ask: str) -> tuple[str | None, str]:
+        """Wait for the driver's callbacks to answer the validation event that carried ``ask``."""
+        import logging
+        import time
+
+        started = noted = time.monotonic()
+        while True:
+            answer = self.sink.decision(ask)
+            if answer is not None:
+                return answer[0], answer[1]
+            time.sleep(_POLL_S)
+            now = time.monotonic()
+            if now - started > _WAIT_LIMIT_S:
+                logging.getLogger("raytorch").warning(
+                    "the driver's callbacks have not answered for %.0f s; training goes on",
+                    now - started,
+                )
+                return None, ""
+            if now - noted > _WAIT_NOTE_S:
+                noted = now
+                logging.getLogger("raytorch").warning(
+                    "rank 0 has waited %.0f s for the driver's callbacks to answer a validation",
+                    now - started,
+                )
 
 
 def task_main(
@@ -227,8 +306,9 @@ def task_main(
     run_dir: str | None = None,
     resume: str | None = None,
     restart_reason: str | None = None,
+    decides: bool = False,
 ) -> LoopResult:
-    ctx = RayContext(cfg, shards, seed, sink, run_dir=run_dir, resume=resume)
+    ctx = RayContext(cfg, shards, seed, sink, run_dir=run_dir, resume=resume, decides=decides)
     ctx.restart_reason = restart_reason
     return run_loop(model, cfg, ctx, seed)
 
@@ -252,6 +332,7 @@ def train_main(config: dict[str, Any]) -> LoopResult | None:
         local_rank=tc.get_local_rank(),
         ray_train=True,
         resume=config.get("resume"),
+        decides=bool(config.get("decides")),
     )
     result = run_loop(config["model"], config["cfg"], ctx, config["seed"])
     return result if rank == 0 else None

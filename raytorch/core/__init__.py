@@ -19,7 +19,9 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from raytorch.core.config import (
         LoaderOptions,
         TrainerConfig,
+        build_extension,
         flatten_config,
+        parse_duration,
         resolve_objective,
     )
     from raytorch.core.devices import (
@@ -64,6 +66,13 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         find_raytorch_error,
         portable,
         same_kind,
+    )
+    from raytorch.core.extensions import (
+        DRIVER_FAILED,
+        DRIVER_STOPS,
+        Callback,
+        RunHandle,
+        RunLogger,
     )
     from raytorch.core.failure import (
         Action,
@@ -184,7 +193,9 @@ __all__, __getattr__, __dir__ = face(
         "config": [
             "LoaderOptions",
             "TrainerConfig",
+            "build_extension",
             "flatten_config",
+            "parse_duration",
             "resolve_objective",
         ],
         "devices": [
@@ -229,6 +240,13 @@ __all__, __getattr__, __dir__ = face(
             "find_raytorch_error",
             "portable",
             "same_kind",
+        ],
+        "extensions": [
+            "DRIVER_FAILED",
+            "DRIVER_STOPS",
+            "Callback",
+            "RunHandle",
+            "RunLogger",
         ],
         "failure": [
             "Action",

@@ -9,13 +9,22 @@ and ``evaluate`` on top; a YAML dict validates through either with ``model_valid
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from raytorch.core.errors import ConfigError
+from raytorch.core.extensions import Callback, RunLogger
 from raytorch.core.hints import did_you_mean
 from raytorch.core.layout import Layout
 from raytorch.core.resolve import (
@@ -139,7 +148,94 @@ def resolve_objective(cfg: TrainerConfig) -> Callable[..., Any]:
     return objective
 
 
-LoggerName = Literal["csv", "tensorboard", "mlflow"]
+# Built-in loggers by name; a logger object (raytorch.RunLogger) or its import reference works too.
+LOGGER_NAMES = ("csv", "tensorboard", "mlflow", "wandb")
+
+
+def _is_object(value: Any) -> bool:
+    """A single callback or logger object given where a list goes."""
+    return isinstance(value, (Callback, RunLogger))
+
+
+def parse_duration(value: Any, field: str = "max_time") -> float | None:
+    """Seconds of a duration given as seconds, ``"DD:HH:MM:SS"`` / ``"HH:MM:SS"`` (Lightning's
+    ``max_time``), or ``{days, hours, minutes, seconds}``; None stays None.
+
+    >>> parse_duration("00:01:30:00"), parse_duration({"minutes": 2}), parse_duration(45)
+    (5400.0, 120.0, 45.0)
+    """
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"\d+(:\d+){2,3}", value.strip()):
+        parts = [int(p) for p in value.strip().split(":")]
+        factors = [86400, 3600, 60, 1][-len(parts) :]
+        seconds = float(sum(p * f for p, f in zip(parts, factors, strict=True)))
+    elif isinstance(value, Mapping) and set(value) <= {"days", "hours", "minutes", "seconds"}:
+        units = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+        seconds = float(sum(float(v) * units[k] for k, v in value.items()))
+    elif hasattr(value, "total_seconds"):
+        seconds = float(value.total_seconds())
+    else:
+        raise ConfigError(
+            f"{field}={value!r} is not a duration; give seconds (3600), 'DD:HH:MM:SS' or "
+            "'HH:MM:SS', or {hours: 1, minutes: 30}"
+        )
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{field}={value!r} must be a finite time longer than 0 s")
+    return seconds
+
+
+def extension_problem(
+    value: Any, field: str, base: type, names: tuple[str, ...] = ()
+) -> str | None:
+    """Why ``value`` is not a ``base`` (a Callback or a RunLogger) as a field takes it: an object,
+    a built-in name, an import reference of a subclass, or ``{class: ref, kwargs: {...}}``."""
+    from raytorch.core.errors import ImportReferenceError
+    from raytorch.core.references import import_checked
+
+    if isinstance(value, base) or (isinstance(value, str) and value in names):
+        return None
+    ref = value.get("class") if isinstance(value, Mapping) else value
+    if isinstance(value, Mapping) and (
+        not set(value) <= {"class", "kwargs"} or not isinstance(value.get("kwargs", {}), Mapping)
+    ):
+        return f"{field}={value!r}: write {{class: 'package.module:Class', kwargs: {{...}}}}"
+    if not isinstance(ref, str) or ":" not in ref:
+        known = f"one of {list(names)}, " if names else ""
+        hint = did_you_mean(ref, names) if isinstance(ref, str) else ""
+        return (
+            f"{field}={value!r} is not a {base.__name__}; {hint}give {known}a {base.__name__} "
+            "object, or an import reference 'package.module:Class'"
+        )
+    try:
+        found = import_checked(ref, field)
+    except ImportReferenceError as exc:
+        return str(exc)
+    if not (isinstance(found, type) and issubclass(found, base)):
+        return f"{field}={ref!r} is not a subclass of raytorch.{base.__name__}"
+    kwargs = dict(value.get("kwargs") or {}) if isinstance(value, Mapping) else {}
+    return kwargs_problem(found, kwargs, f"{field}.kwargs", first=False)
+
+
+def build_extension(value: Any, field: str, base: type) -> Any:
+    """The object an extension spec stands for (checked by :func:`extension_problem` first)."""
+    from raytorch.core.references import import_checked
+
+    if isinstance(value, base):
+        return value
+    ref = value["class"] if isinstance(value, Mapping) else value
+    kwargs = dict(value.get("kwargs") or {}) if isinstance(value, Mapping) else {}
+    try:
+        return import_checked(ref, field)(**kwargs)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"{field}: {ref}(**{kwargs!r}) raised {type(exc).__name__}: {exc}; fix the class "
+            "or its kwargs"
+        ) from exc
 
 
 class LoaderOptions(BaseModel):
@@ -352,12 +448,47 @@ class TrainerConfig(BaseModel):
         description="a run directory (its latest checkpoint) or a checkpoint to resume from; "
         "re-running with the same run_name and storage_path resumes too",
     )
-    loggers: list[LoggerName] = Field(
-        default_factory=lambda: list[LoggerName](["csv"]),
+    loggers: list[Any] = Field(
+        default_factory=lambda: ["csv"],
         description="'csv' (history.csv and learning_curve.png in the run directory), "
         "'tensorboard' (<run dir>/tensorboard/; needs raytorch[tensorboard]), 'mlflow' "
-        "(MLFLOW_TRACKING_URI or ./mlruns; needs raytorch[mlflow]); several at once",
+        "(MLFLOW_TRACKING_URI or ./mlruns; needs raytorch[mlflow]), 'wandb' (needs "
+        "raytorch[wandb]), a raytorch.RunLogger object, 'package.module:Class' or "
+        "{class: ..., kwargs: {...}}; several at once",
     )
+    mlflow_log_model: bool = Field(
+        False,
+        description="with the 'mlflow' logger, also log the trained model in MLflow's PyTorch "
+        "flavour (mlflow.pytorch.load_model loads it; pickled: load only models you trust)",
+    )
+    callbacks: list[Any] = Field(
+        default_factory=list,
+        description="raytorch.Callback objects (or 'package.module:Class', {class, kwargs}) "
+        "called on the driver: fit start, every validation, checkpoints, restarts, fit end",
+    )
+    max_time: Any = Field(
+        None,
+        description="a wall-clock budget (Lightning's max_time): seconds, 'DD:HH:MM:SS' or "
+        "{hours: 1}; the run stops at the first validation past it (stop reason max_time)",
+    )
+    log_every_n_steps: int = Field(
+        50,
+        ge=0,
+        description="send rank 0's training loss and learning rate to the loggers and the live "
+        "view every N optimizer steps, without a collective (0: only at validations)",
+    )
+
+    @field_validator("max_time")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return parse_duration(value)
+
+    @field_serializer("loggers", "callbacks", when_used="json")
+    def _named(self, items: list[Any]) -> list[Any]:
+        """Objects as their class's import reference (result.json, params, ``raytorch show``)."""
+        return [
+            f"{type(i).__module__}:{type(i).__qualname__}" if _is_object(i) else i for i in items
+        ]
 
     @model_validator(mode="before")
     @classmethod
@@ -369,8 +500,9 @@ class TrainerConfig(BaseModel):
         if isinstance(precision, (int, str)) and not isinstance(precision, bool):
             # Lightning's spellings where they have one meaning here (YAML's precision: 32 too).
             data["precision"] = PRECISION_ALIASES.get(str(precision), str(precision))
-        if isinstance(data.get("loggers"), str):
-            data["loggers"] = [data["loggers"]]  # loggers: tensorboard
+        for listed in ("loggers", "callbacks"):
+            if isinstance(data.get(listed), (str, Mapping)) or _is_object(data.get(listed)):
+                data[listed] = [data[listed]]  # loggers: tensorboard
         problems = [f"{k}: {fix}" for k, fix in _REPLACED.items() if k in data]
         for alias, canonical in _ALIASES.items():
             if alias in data:
@@ -446,19 +578,29 @@ class TrainerConfig(BaseModel):
                 "needs data_prefetch=False; with data_prefetch=True Ray Data streams the object "
                 "storage directly (set download=False)"
             )
-        repeated = sorted({name for name in self.loggers if self.loggers.count(name) > 1})
+        names = [n for n in self.loggers if isinstance(n, str)]
+        repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             problems.append(f"loggers: {repeated} given more than once; list each logger once")
+        for i, item in enumerate(self.loggers):
+            problem = extension_problem(item, f"loggers[{i}]", RunLogger, LOGGER_NAMES)
+            if problem:
+                problems.append(problem)
+        for i, item in enumerate(self.callbacks):
+            problem = extension_problem(item, f"callbacks[{i}]", Callback)
+            if problem:
+                problems.append(problem)
         if self.max_iterations is not None and self.warmup_iterations >= self.max_iterations:
             problems.append(
                 f"warmup_iterations={self.warmup_iterations} is not shorter than max_iterations="
                 f"{self.max_iterations}: the run would end before its warmup, at a fraction of "
                 "the learning rate; lower warmup_iterations (commonly a few percent of the run)"
             )
-        if self.max_iterations is None and self.epochs is None:
+        if self.max_iterations is None and self.epochs is None and self.max_time is None:
             problems.append(
                 "neither max_iterations nor epochs is set, so training would never end; set "
-                "max_iterations=N (optimizer steps) and/or epochs=N"
+                "max_iterations=N (optimizer steps), epochs=N and/or max_time (a wall-clock "
+                "budget)"
             )
         if self.eval_freq is not None and self.validation_interval is not None:
             problems.append(
@@ -496,6 +638,9 @@ class TrainerConfig(BaseModel):
                 "measures_train": resolve_metric_refs(self.measures_train),
                 "measures_valid": resolve_metric_refs(self.measures_valid),
                 "loader_kwargs": loader,
+                # The driver's own: workers never call callbacks or loggers.
+                "callbacks": [],
+                "loggers": [n for n in self.loggers if isinstance(n, str) and n in LOGGER_NAMES],
             }
         )
 

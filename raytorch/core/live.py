@@ -141,6 +141,7 @@ class TrainDisplay:
         self.values: dict[str, float] = {}
         self.best = ""
         self.restarts = 0
+        self.step_loss: float | None = None  # rank 0's training loss, every log_every_n_steps
         self.live = (
             _Live("train", max_iterations, console)
             if (live if live is not None else live_wanted())
@@ -160,6 +161,14 @@ class TrainDisplay:
         if event.get("steps_per_epoch"):
             self.steps_per_epoch = int(event["steps_per_epoch"])
         self._draw()
+
+    def train_log(self, event: Mapping[str, Any]) -> None:
+        """Rank 0's training values between validations (``log_every_n_steps``)."""
+        values = dict(event.get("values") or {})
+        loss = values.get("train/objective_step")
+        if isinstance(loss, (int, float)):
+            self.step_loss = float(loss)
+            self._draw()
 
     def validation(self, event: Mapping[str, Any]) -> None:
         self.line(str(event["line"]))
@@ -188,7 +197,8 @@ class TrainDisplay:
 
     def status_text(self) -> str:
         shown = " ".join(f"{k}={v:.4g}" for k, v in self.values.items() if "/" in k)
-        parts = [p for p in (shown, self.best) if p]
+        step = f"loss {self.step_loss:.4g}" if self.step_loss is not None else ""
+        parts = [p for p in (step, shown, self.best) if p]
         parts.append(f"restarts {self.restarts}")
         return " | ".join(parts)
 

@@ -115,6 +115,9 @@ class StopReason(str, Enum):
     THRESHOLD_REACHED = "threshold_reached"
     DIVERGED = "diverged"
     NON_FINITE = "non_finite"
+    CALLBACK = "callback"  # a driver-side callback asked (run.request_stop)
+    MAX_TIME = "max_time"  # the wall-clock budget (max_time) is spent
+    PRUNED = "pruned"  # a sweep's scheduler stopped this trial
 
     def __str__(self) -> str:
         # Python 3.11 changed str() of mixed-in enums; the value is what logs and results want.

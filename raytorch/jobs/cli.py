@@ -85,7 +85,8 @@ _SUBCOMMANDS = {
         "  ray dashboard cluster.yaml &      # forwards the head's dashboard to localhost:8265\n"
         "  raytorch submit jobs/train_digits.yaml --address http://127.0.0.1:8265\n"
         "  raytorch submit jobs/predict_parquet.yaml data.rows=100000 --no-wait\n"
-        "  raytorch submit jobs/train_digits.yaml --fetch runs/  # the run directory comes back\n",
+        "  raytorch submit jobs/train_digits.yaml --fetch runs/  # the run directory comes back\n"
+        "  raytorch submit jobs/train_digits.yaml --env AWS_PROFILE --env WANDB_API_KEY\n",
     ),
 }
 
@@ -167,6 +168,21 @@ def _add_submit_options(submit: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PATTERN",
         help="also leave out files matching PATTERN (gitignore syntax); repeatable",
+    )
+    submit.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="an environment variable for the job: KEY=VALUE, or KEY to pass this machine's "
+        "value (AWS_*, MLFLOW_TRACKING_URI, WANDB_API_KEY, ...); repeatable; values are never "
+        "printed",
+    )
+    submit.add_argument(
+        "--runtime-env",
+        metavar="FILE",
+        help="a Ray runtime_env YAML file (pip, env_vars, excludes, ...) merged with raytorch's "
+        "(working_dir stays --working-dir; --env wins over its env_vars)",
     )
     submit.add_argument(
         "--max-upload-mib",
@@ -317,6 +333,7 @@ def _check(args: argparse.Namespace) -> int:
     problems = path_problems(job) or data_problems(job)
     if isinstance(job, TrainJob):
         problems += [f"trainer.{p}" for p in job.trainer.recipe_problems()]
+        problems += [f"trainer.{p}" for p in job.trainer.extension_problems()]
     if problems:
         raise JobFileError(str(args.job), problems)
     for line in describe(job):

@@ -1,20 +1,28 @@
-"""``raytorch submit``: Ray Jobs with the working directory as the runtime_env."""
+"""``raytorch submit``: Ray Jobs with the working directory as the runtime_env.
+
+The job's environment: raytorch's own (the working directory, its excludes, unbuffered
+output), then a runtime_env file of the user's (``--runtime-env``: Ray's keys, ``pip``,
+``env_vars``, ``excludes``, ...), then ``--env KEY=VALUE`` / ``--env KEY`` (the value taken from
+this machine). Values of environment variables are never printed or written to the run's files
+(Ray itself keeps a job's runtime_env in its job table, where the cluster's users can read it).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import re
 import secrets
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raytorch.core.errors import UploadError
+from raytorch.core.errors import UploadError, UsageError
 from raytorch.core.progress import echo as _echo
 
 # Never uploaded with a job: version control, environments, outputs, data, caches. Gitignore
@@ -117,6 +125,92 @@ def name_submission(job: Any, job_file: str) -> Naming:
     return Naming(f"{run_name}{suffix}", overrides, metadata, run_name, run_dir)
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_options(items: Sequence[str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``--env KEY=VALUE`` and ``--env KEY`` (its value here) as a mapping.
+
+    Raises:
+        UsageError: a malformed name, or ``KEY`` alone while this machine has no such variable.
+    """
+    environ = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not _ENV_NAME.fullmatch(key):
+            shown = f"{key!r}" if sep else "(not shown: it may be a secret)"
+            raise UsageError(
+                f"--env {shown}: an environment variable name is letters, digits and _ "
+                "(not starting with a digit); write --env KEY=VALUE or --env KEY"
+            )
+        if not sep:
+            if key not in environ:
+                raise UsageError(
+                    f"--env {key}: {key} is not set on this machine; set it, or give "
+                    f"--env {key}=VALUE"
+                )
+            value = environ[key]
+        out[key] = value
+    return out
+
+
+def read_runtime_env(path: str) -> dict[str, Any]:
+    """A runtime_env YAML file (Ray's keys), checked where raytorch merges it.
+
+    Raises:
+        UsageError: unreadable, not a mapping, ``working_dir`` set (raytorch ships
+            ``--working-dir``), or ``env_vars``/``excludes`` of the wrong types.
+    """
+    from raytorch.jobs.yaml_loader import load_yaml
+
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--runtime-env {path}: cannot read it ({exc})") from exc
+    data = load_yaml(text, path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise UsageError(
+            f"--runtime-env {path}: expected a mapping of Ray runtime_env keys (pip, env_vars, "
+            f"excludes, ...), got {type(data).__name__}"
+        )
+    if "working_dir" in data:
+        raise UsageError(
+            f"--runtime-env {path}: working_dir is raytorch's (the directory it uploads); "
+            "drop it from the file and pass --working-dir instead"
+        )
+    env = data.get("env_vars", {})
+    if not isinstance(env, dict):
+        raise UsageError(f"--runtime-env {path}: env_vars must be a mapping of NAME: value")
+    for key, value in env.items():
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            raise UsageError(f"--runtime-env {path}: env_vars has a bad name {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise UsageError(
+                f"--runtime-env {path}: env_vars.{key} must be a string or a number, "
+                f"not {type(value).__name__}"
+            )
+    data["env_vars"] = {k: str(v) for k, v in env.items()}
+    excludes = data.get("excludes", [])
+    if not isinstance(excludes, list) or not all(isinstance(e, str) for e in excludes):
+        raise UsageError(f"--runtime-env {path}: excludes must be a list of patterns")
+    return data
+
+
+def job_runtime_env(
+    working_dir: Path, excludes: Sequence[str], user: Mapping[str, Any], env: Mapping[str, str]
+) -> dict[str, Any]:
+    """raytorch's runtime_env, the user's file over it, ``--env`` over both."""
+    runtime_env: dict[str, Any] = {k: v for k, v in user.items() if k not in ("excludes",)}
+    runtime_env["working_dir"] = str(working_dir.resolve())
+    runtime_env["excludes"] = [*excludes, *user.get("excludes", [])]
+    # Lines appear in the logs as they are printed, not when a buffer fills.
+    runtime_env["env_vars"] = {"PYTHONUNBUFFERED": "1", **user.get("env_vars", {}), **env}
+    return runtime_env
+
+
 def _submit(args: argparse.Namespace) -> int:
     from raytorch.jobs.files import load_job
 
@@ -139,22 +233,21 @@ def _submit(args: argparse.Namespace) -> int:
         raise UploadError(f"--fetch: {args.fetch} is a file; give a directory")
     # Validate here first: a typo should cost a second, not a cluster round trip.
     job = load_job(job_path, args.overrides)
-    excludes = [*DEFAULT_EXCLUDES, *args.exclude]
-    count, size = check_upload(working_dir, excludes, args.max_upload_mib)
+    env = env_options(args.env)
+    user = read_runtime_env(args.runtime_env) if args.runtime_env else {}
+    runtime_env = job_runtime_env(working_dir, [*DEFAULT_EXCLUDES, *args.exclude], user, env)
+    count, size = check_upload(working_dir, runtime_env["excludes"], args.max_upload_mib)
     relative = job_path.relative_to(working_dir.resolve()).as_posix()
     naming = name_submission(job, relative)
     command = entrypoint(job.kind, relative, [*args.overrides, *naming.overrides])
     submission_id = args.submission_id or naming.submission_id
-    runtime_env: dict[str, Any] = {
-        "working_dir": str(working_dir.resolve()),
-        "excludes": excludes,
-        # Lines appear in the logs as they are printed, not when a buffer fills.
-        "env_vars": {"PYTHONUNBUFFERED": "1"},
-    }
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
     _echo(f"uploading {count} files ({size / 2**20:.1f} MiB) from {working_dir.resolve()}")
+    named = sorted({*user.get("env_vars", {}), *env})
+    if named:  # names only: values may be secrets
+        _echo(f"environment for the job: {', '.join(named)} (values not shown)")
     job_id = client.submit_job(
         entrypoint=command,
         runtime_env=runtime_env,

@@ -196,4 +196,4 @@ def test_rerun_with_the_same_run_name_resumes_to_the_same_weights(ray_local, tmp
     for key, value in whole.final_state_dict.items():
         torch.testing.assert_close(resumed.final_state_dict[key], value, rtol=0, atol=1e-6)
     assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
-    assert (run_dir / "checkpoints" / "last" / "weights.pt").exists()
+    assert (run_dir / "checkpoints" / "last" / "model.safetensors").exists()

@@ -101,7 +101,7 @@ def test_one_worker_trains_digits_in_a_ray_task(ray_local, digits, tmp_path, cap
     )
     for key, value in model.object.state_dict().items():  # restore_best: the model holds best
         assert torch.equal(best.object.state_dict()[key], value)
-    assert (run_dir / "checkpoints" / "last" / "weights.pt").exists()
+    assert (run_dir / "checkpoints" / "last" / "model.safetensors").exists()
 
     # evaluate: the same metrics, keys test/<name>, on the cluster; with the best weights on the
     # validation rows it reproduces the best validation accuracy exactly.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,48 @@ def test_submit_fetch_needs_to_wait_and_a_directory(
     (tmp_path / "a-file").write_text("")
     assert main([*submit, "--fetch", str(tmp_path / "a-file")]) == 2
     assert "a-file is a file; give a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "file", "match"),
+    [
+        (["--env", "9LIVES=1"], None, r"--env '9LIVES': an environment variable name is letters"),
+        (["--env", "RAYTORCH_UNSET_HERE"], None, r"RAYTORCH_UNSET_HERE is not set on this machine"),
+        ([], "working_dir: /elsewhere\n", r"working_dir is raytorch's.*pass --working-dir"),
+        ([], "env_vars: [A, B]\n", r"env_vars must be a mapping of NAME: value"),
+        ([], "env_vars: {TOKEN: {a: 1}}\n", r"env_vars.TOKEN must be a string or a number"),
+        ([], "- pip\n", r"expected a mapping of Ray runtime_env keys.*got list"),
+        ([], "excludes: data\n", r"excludes must be a list of patterns"),
+    ],
+)
+def test_submit_environment_is_checked_before_anything_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args, file, match
+) -> None:
+    submit = ["submit", TRAIN_JOB, "--address", "http://127.0.0.1:1", *args]
+    if file is not None:
+        (tmp_path / "env.yaml").write_text(file)
+        submit += ["--runtime-env", str(tmp_path / "env.yaml")]
+    assert main(submit) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_submit_environment_layers_raytorchs_the_files_and_the_flags(tmp_path: Path) -> None:
+    from raytorch.jobs.submit import env_options, job_runtime_env, read_runtime_env
+
+    (tmp_path / "env.yaml").write_text(
+        "pip: [wandb]\nenv_vars: {A: file, B: 2}\nexcludes: ['*.ckpt']\n"
+    )
+    user = read_runtime_env(str(tmp_path / "env.yaml"))
+    env = env_options(["A=flag", "HOME_DIR"], {"HOME_DIR": "/home/me"})
+    merged = job_runtime_env(tmp_path, [".git"], user, env)
+    assert merged["working_dir"] == str(tmp_path.resolve()) and merged["pip"] == ["wandb"]
+    assert merged["excludes"] == [".git", "*.ckpt"]
+    assert merged["env_vars"] == {
+        "PYTHONUNBUFFERED": "1",
+        "A": "flag",
+        "B": "2",
+        "HOME_DIR": "/home/me",
+    }
 
 
 def _tree(root: Path) -> None:

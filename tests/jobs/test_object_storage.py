@@ -353,8 +353,8 @@ def test_a_job_submitted_with_s3_paths_writes_there_and_is_fetched_from_there(s3
     assert f"fetched s3://bkt/sub/runs/via-submit to {back / 'via-submit'}" in done.stdout
     fetched = back / "via-submit"
     assert json.loads((fetched / "result.json").read_text())["status"] == "completed"
-    assert (fetched / "checkpoints" / "best" / "weights.pt").read_bytes() == _read(
-        "s3://bkt/sub/runs/via-submit/checkpoints/best/weights.pt"
+    assert (fetched / "checkpoints" / "best" / "model.safetensors").read_bytes() == _read(
+        "s3://bkt/sub/runs/via-submit/checkpoints/best/model.safetensors"
     )
 
 

@@ -36,9 +36,9 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         head.stop()
 
 
-def _run(command: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+def _run(command: list[str], timeout_s: float, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout_s
+        command, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=timeout_s
     )
 
 
@@ -86,25 +86,42 @@ def test_plain_ray_job_submit_runs_the_cli_on_the_cluster(head: Head) -> None:
 
 def test_a_submitted_training_run_is_kept_and_fetched_back(head: Head, tmp_path: Path) -> None:
     """The default relative storage_path lands in a lasting directory on the cluster (not Ray's
-    temporary copy of the working directory), and --fetch brings the run directory back."""
-    back = tmp_path / "back"
+    temporary copy of the working directory), and --fetch brings the run directory back. The
+    job gets the environment given with --runtime-env and --env (--env wins), and a secret
+    passed that way is neither printed nor written to the run's files."""
+    back, lasting = tmp_path / "back", tmp_path / "lasting-from-flag"
+    runtime_env = tmp_path / "runtime_env.yaml"
+    runtime_env.write_text(
+        f"env_vars:\n  RAYTORCH_STORAGE_PATH: {tmp_path / 'from-file'}\n  OMP_NUM_THREADS: 1\n"
+    )
+    secret = "hunter2-not-for-logs"
     done = _run(
         [
             str(BIN / "raytorch"), "submit", "jobs/train_digits.yaml",
             "--address", head.address, "--fetch", str(back),
+            "--runtime-env", str(runtime_env),
+            "--env", f"RAYTORCH_STORAGE_PATH={lasting}", "--env", "RAYTORCH_TEST_SECRET",
             "trainer.max_iterations=20", "trainer.validation_interval=10",
             "trainer.compute_kwargs.num_workers=1",
         ],
         timeout_s=240,
+        RAYTORCH_TEST_SECRET=secret,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
-    (kept,) = (head.storage / "runs").iterdir()  # on the cluster, where it lasts
+    assert (
+        "environment for the job: OMP_NUM_THREADS, RAYTORCH_STORAGE_PATH, RAYTORCH_TEST_SECRET "
+        "(values not shown)" in done.stdout
+    )
+    assert secret not in done.stdout + done.stderr
+    assert not (tmp_path / "from-file").exists() and not (head.storage / "runs").exists()
+    (kept,) = (lasting / "runs").iterdir()  # on the cluster, where --env said
     assert f"run directory: {kept}" in done.stdout
     assert f"fetched {kept} to {back / kept.name}" in done.stdout
     fetched = back / kept.name
     here = sorted(p.relative_to(fetched) for p in fetched.rglob("*") if p.is_file())
     there = sorted(p.relative_to(kept) for p in kept.rglob("*") if p.is_file())
-    assert here == there and Path("checkpoints/best/weights.pt") in here
+    assert here == there and Path("checkpoints/best/model.safetensors") in here
     for name in here:
         assert (fetched / name).read_bytes() == (kept / name).read_bytes()
+        assert secret.encode() not in (fetched / name).read_bytes()
     assert json.loads((fetched / "result.json").read_text())["status"] == "completed"

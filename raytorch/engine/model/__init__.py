@@ -25,9 +25,13 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     )
     from raytorch.engine.model.files import (
         MODEL_FORMAT,
+        WEIGHTS_FILE,
         load_model,
+        loading_hint,
         read_manifest,
+        read_weights,
         save_model,
+        write_weights,
     )
     from raytorch.engine.model.identity import (
         code_identity,
@@ -60,9 +64,13 @@ __all__, __getattr__, __dir__ = face(
         ],
         "files": [
             "MODEL_FORMAT",
+            "WEIGHTS_FILE",
             "load_model",
+            "loading_hint",
             "read_manifest",
+            "read_weights",
             "save_model",
+            "write_weights",
         ],
         "identity": [
             "code_identity",

@@ -1,5 +1,5 @@
 """A training run as the driver keeps it: its result, its run directory, its learning curve, its
-loggers and the monitor that feeds them while it runs."""
+loggers, its callbacks and the monitor that feeds them while it runs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ from typing import TYPE_CHECKING
 from raytorch.core.lazy import face
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from raytorch.engine.tracking.callbacks import (
+        CallbackHub,
+        MaxTime,
+        StopAnswer,
+        build_callbacks,
+    )
     from raytorch.engine.tracking.curve import (
         plot_learning_curve,
     )
@@ -24,8 +30,9 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from raytorch.engine.tracking.loggers import (
         LoggerHub,
         MlflowLogger,
-        RunLogger,
         TensorBoardLogger,
+        WandbLogger,
+        build_logger,
         missing_extras,
         open_loggers,
     )
@@ -53,6 +60,12 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
 __all__, __getattr__, __dir__ = face(
     __name__,
     {
+        "callbacks": [
+            "CallbackHub",
+            "MaxTime",
+            "StopAnswer",
+            "build_callbacks",
+        ],
         "curve": [
             "plot_learning_curve",
         ],
@@ -69,8 +82,9 @@ __all__, __getattr__, __dir__ = face(
         "loggers": [
             "LoggerHub",
             "MlflowLogger",
-            "RunLogger",
             "TensorBoardLogger",
+            "WandbLogger",
+            "build_logger",
             "missing_extras",
             "open_loggers",
         ],

@@ -28,12 +28,12 @@ from raytorch.engine.io import (
     is_uri,
     join,
     lasting_path,
-    load_state,
     read_bytes,
-    save_state,
+    read_json,
     upload_dir,
     write_json,
 )
+from raytorch.engine.model import WEIGHTS_FILE, loading_hint, read_weights, write_weights
 from raytorch.engine.tracking.curve import plot_learning_curve
 from raytorch.engine.tracking.loggers import LoggerHub
 from raytorch.engine.tracking.result import FINISHED, RunStatus, TrainingResult
@@ -164,8 +164,14 @@ def _write_run_files(
         except Exception as exc:  # a plot must never lose a finished run
             logger.warning("could not write learning_curve.png: %s", exc)
     _save_models(run_dir, result, best_state)
+    for name in ("best", "last"):  # how the saved model loads back, in one sentence
+        manifest = run_dir / "checkpoints" / name / "model.json"
+        if manifest.is_file():
+            where = f"'{join(str(result.run_dir), 'checkpoints', name)}'"
+            summary["model_load"] = loading_hint(read_json(manifest), where)
+            break
     if loggers is not None:  # after the files they upload, before the file that claims completion
-        loggers.finish(summary, run_dir)
+        loggers.finish(summary, run_dir, result.model)
         summary["loggers"] = loggers.records()
     # Last: result.json is what says the run finished, and how.
 
@@ -185,17 +191,16 @@ def _save_models(run_dir: Path, result: TrainingResult, best_state: dict[str, An
         model.object.load_state_dict(state)
         target = run_dir / "checkpoints" / name
         try:
-            model.save(target)  # weights.pt holds the state_dict and the optimizer state
+            model.save(target)  # model.json, model.safetensors, optimizer.pt
         except Exception as exc:  # e.g. a lambda preprocess cannot be saved by name
+            target.mkdir(parents=True, exist_ok=True)
+            written = write_weights(target, model.object, result.optimizer_state)
             logger.warning(
-                "model.save(%s) failed (%s); saved the weights alone in %s/weights.pt",
+                "model.save(%s) failed (%s); saved the weights alone in %s/%s",
                 target,
                 exc,
                 target,
-            )
-            save_state(
-                target / "weights.pt",
-                {"state_dict": state, "optimizer_state": result.optimizer_state},
+                written,
             )
     model.object.load_state_dict(current)
 
@@ -260,11 +265,9 @@ def load_finished(
         )
         names = ("best", "last") if restore_best else ("last", "best")
         for name in names:
-            weights = local / "checkpoints" / name / "weights.pt"
-            if weights.is_file():
-                state = load_state(weights, map_location="cpu")
-                model.object.load_state_dict(state["state_dict"])
-                model.optimizer_state = state.get("optimizer_state")
+            folder = local / "checkpoints" / name
+            if any((folder / f).is_file() for f in (WEIGHTS_FILE, "weights.pt")):
+                model.optimizer_state = read_weights(folder, model.object, "cpu")
                 break
     model.metric_values = dict(history)
     return TrainingResult(

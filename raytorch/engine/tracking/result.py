@@ -16,7 +16,8 @@ from raytorch.core.stopping import StopReason
 class RunStatus(str, Enum):
     """What happened to a run, as ``result.json`` and ``TrainingResult.status`` say it."""
 
-    COMPLETED = "completed"  # stopped by its bounds or by early stopping, on finite values
+    COMPLETED = "completed"  # stopped by its bounds, early stopping, max_time or a callback
+    PRUNED = "pruned"  # a sweep's scheduler stopped this trial early (its files are final)
     NON_FINITE = "non_finite"  # the loss or the listened metric became NaN or inf
     DIVERGED = "diverged"  # the listened metric crossed divergence_threshold
     FAILED = "failed"  # fit raised (result.json only)
@@ -27,7 +28,7 @@ class RunStatus(str, Enum):
 
 
 # Statuses of a run that ended (its files are final and a later run never modifies them).
-FINISHED = (RunStatus.COMPLETED, RunStatus.NON_FINITE, RunStatus.DIVERGED)
+FINISHED = (RunStatus.COMPLETED, RunStatus.PRUNED, RunStatus.NON_FINITE, RunStatus.DIVERGED)
 
 
 def status_of(reason: StopReason) -> RunStatus:
@@ -36,6 +37,8 @@ def status_of(reason: StopReason) -> RunStatus:
         return RunStatus.NON_FINITE
     if reason is StopReason.DIVERGED:
         return RunStatus.DIVERGED
+    if reason is StopReason.PRUNED:
+        return RunStatus.PRUNED
     return RunStatus.COMPLETED
 
 

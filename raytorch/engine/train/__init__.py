@@ -10,6 +10,8 @@ from raytorch.core.lazy import face
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from raytorch.engine.train.checkpoints import (
         RESUME_FORMAT,
+        checkpoint_at,
+        complete_checkpoints,
         latest_checkpoint,
         load_resume,
         publish_checkpoint,
@@ -52,6 +54,8 @@ __all__, __getattr__, __dir__ = face(
     {
         "checkpoints": [
             "RESUME_FORMAT",
+            "checkpoint_at",
+            "complete_checkpoints",
             "latest_checkpoint",
             "load_resume",
             "publish_checkpoint",

@@ -172,12 +172,10 @@ def read_meta(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> str | None:
-    """The complete checkpoint with the highest iteration in a run directory, or None.
-
-    Looks at raytorch's ``checkpoints/iter_*`` and Ray Train's ``checkpoint_*`` directories;
-    half-written ones (no valid ``meta.json``) are skipped.
-    """
+def complete_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, str, dict[str, Any]]]:
+    """``(iteration, path, meta)`` of every checkpoint in a run directory with a valid
+    ``meta.json`` (raytorch's ``checkpoints/iter_*`` and Ray Train's ``checkpoint_*``), the
+    highest iteration first; half-written and foreign directories are left out."""
     from pyarrow import fs
 
     base = os.fspath(run_dir)
@@ -200,8 +198,26 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> str | None:
             complete.append((int(meta["iteration"]), candidate, meta))
         except (CheckpointError, KeyError, TypeError, ValueError):
             continue  # half-written or foreign: never resume from it
+    # Newest first; the same iteration twice (a restarted group) by name: Ray Train's
+    # checkpoint_<time> and iter_<N> names sort by when they were written.
+    return sorted(complete, key=lambda c: (c[0], c[1]), reverse=True)
+
+
+def checkpoint_at(run_dir: str | os.PathLike[str], iteration: int) -> str | None:
+    """The complete checkpoint of ``iteration`` in a run directory, or None."""
+    found = [path for it, path, _ in complete_checkpoints(run_dir) if it == iteration]
+    return found[0] if found else None
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> str | None:
+    """The complete checkpoint with the highest iteration in a run directory, or None.
+
+    Looks at raytorch's ``checkpoints/iter_*`` and Ray Train's ``checkpoint_*`` directories;
+    half-written ones (no valid ``meta.json``) are skipped.
+    """
+    base = os.fspath(run_dir)
     skipped: list[str] = []
-    for _, candidate, meta in sorted(complete, key=lambda c: c[0], reverse=True):
+    for _, candidate, meta in complete_checkpoints(base):
         problem = state_problem(candidate, meta)
         if problem is None:
             if skipped:

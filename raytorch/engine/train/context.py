@@ -41,6 +41,9 @@ class WorkerContext(abc.ABC):
     data_seed: int | None = None
     # Why the last restored_checkpoint() was taken after a restart (None: a plain resume).
     restart_reason: str | None = None
+    # The driver decides at each validation whether the run goes on (its callbacks): rank 0
+    # waits for its answer (``driver_decision``) and every rank applies it at that validation.
+    decides: bool = False
 
     def setup(self, device: torch.device) -> None:  # noqa: B027 (a hook: nothing by default)
         """Called once after the device is chosen and the RNGs are seeded (load shards here)."""
@@ -90,6 +93,11 @@ class WorkerContext(abc.ABC):
         if "line" in event:
             self.progress(str(event["line"]))
 
+    def driver_decision(self, ask: str) -> tuple[str | None, str]:
+        """The driver's answer to the validation event that carried ``ask`` (rank 0 only):
+        ``(stop reason, message)``, or ``(None, "")`` to go on."""
+        return None, ""
+
 
 class InProcessContext(WorkerContext):
     """A context over lists of batches, for tests and for debugging without Ray.
@@ -102,6 +110,8 @@ class InProcessContext(WorkerContext):
         run_dir: where checkpoints go (``publish_checkpoint``); None: nowhere.
         checkpoint_every: checkpoint every N validations when ``run_dir`` is set.
         resume_from: a checkpoint directory to resume from.
+        monitor: the driver's ``TrainMonitor`` in this process: events go to it as they come,
+            and its callbacks' answers decide at each validation (the local mode, tests).
     """
 
     def __init__(
@@ -114,6 +124,7 @@ class InProcessContext(WorkerContext):
         run_dir: str | Path | None = None,
         checkpoint_every: int = 1,
         resume_from: str | Path | None = None,
+        monitor: Any = None,
     ) -> None:
         self._train = train
         self._valid = list(valid)
@@ -124,6 +135,13 @@ class InProcessContext(WorkerContext):
         self.reports: list[dict[str, float]] = []
         self.lines: list[str] = []
         self.events: list[dict[str, Any]] = []
+        self.monitor = monitor
+        self.answers: dict[str, tuple[str | None, str]] = {}
+        if monitor is not None:
+            self.decides = bool(monitor.callbacks)
+            monitor.answer = lambda ask, reason, message: self.answers.__setitem__(
+                ask, (reason, message)
+            )
 
     def train_batches(self, epoch: int) -> Iterable[Batch]:
         return list(self._train(epoch) if callable(self._train) else self._train)
@@ -139,7 +157,10 @@ class InProcessContext(WorkerContext):
         if checkpoint_dir is not None and self.run_dir is not None:
             from raytorch.engine.train.checkpoints import publish_checkpoint
 
-            publish_checkpoint(checkpoint_dir, self.run_dir)
+            path = publish_checkpoint(checkpoint_dir, self.run_dir)
+            if self.monitor is not None:
+                iteration = int(metrics["iteration"])
+                self.monitor.handle({"kind": "checkpoint", "iteration": iteration, "path": path})
 
     def restored_checkpoint(self) -> Path | None:
         return None if self.resume_from is None else Path(self.resume_from)
@@ -150,7 +171,13 @@ class InProcessContext(WorkerContext):
 
     def event(self, event: dict[str, Any]) -> None:
         self.events.append(dict(event))
-        super().event(event)
+        if self.monitor is not None:
+            self.monitor.handle(event)
+        else:
+            super().event(event)
+
+    def driver_decision(self, ask: str) -> tuple[str | None, str]:
+        return self.answers.pop(ask, (None, ""))
 
 
 @dataclass

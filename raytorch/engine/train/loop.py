@@ -26,6 +26,7 @@ import math
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,12 @@ from raytorch.core.errors import (
     DataError,
     ModelError,
     RaytorchError,
+    RunError,
     TrainingError,
     UserError,
     same_kind,
 )
+from raytorch.core.extensions import DRIVER_FAILED, DRIVER_STOPS
 from raytorch.core.metrics import MetricAccumulator
 from raytorch.core.pytree import count_rows, tensors_to_cpu, to_device
 from raytorch.core.resolve import objective_problem, resolve_callable, resolve_optimizer
@@ -57,6 +60,9 @@ from raytorch.engine.train.rng import rng_state, seed_everything, set_rng_state
 from raytorch.engine.train.steps import ScalarLogs, agree_on_keys, custom_step, split_step_output
 
 logger = logging.getLogger("raytorch")
+
+# The driver's answers at a validation; their index + 1 crosses ranks in one all-reduce.
+_DRIVER_ANSWERS = (*DRIVER_STOPS, DRIVER_FAILED)
 
 
 class Loop:
@@ -78,6 +84,7 @@ class Loop:
         self.training_step = custom_step(model.object, "training_step")
         self.validation_step = custom_step(model.object, "validation_step")
         self.after_backward: Callable[[], None] = lambda: None
+        self.last_loss: torch.Tensor | None = None  # the last micro-batch's, on the device
 
     @property
     def records_lr(self) -> bool:
@@ -285,6 +292,7 @@ class Loop:
         if stepped:
             self.recipe.step(self.after_backward)
         self.window.add(loss, count_rows(targets), outputs, targets)
+        self.last_loss = loss.detach()  # read on the host only every log_every_n_steps
         return stepped
 
     def validate(self) -> dict[str, float]:
@@ -363,9 +371,8 @@ class Loop:
         if decision.improved:
             state.best_state = tensors_to_cpu(self.module.state_dict())
         decision = self._check_train_loss(decision, values)
-        if decision.stop:
-            state.stop(decision.reason, decision.message)
-        self._report(values)
+        asks = self.ctx.decides and not decision.stop  # the same on every rank
+        ask = uuid.uuid4().hex if asks and self.ctx.rank == 0 else None
         if self.ctx.rank == 0:
             self.ctx.event(
                 {
@@ -377,9 +384,44 @@ class Loop:
                     "best": state.stopper.best_value,
                     "best_iteration": state.stopper.best_iteration,
                     "line": self._line(values),
+                    "ask": ask,
                 }
             )
+        if asks:
+            decision = self._driver_decision(decision, ask)
+        if decision.stop:
+            state.stop(decision.reason, decision.message)
+        self._report(values)  # the checkpoint of this validation knows whether the run stopped
         return decision.stop
+
+    def _driver_decision(self, decision: Decision, ask: str | None) -> Decision:
+        """The driver's callbacks decide on this validation (rank 0 asks; one all-reduce tells
+        every rank), so every worker leaves the loop at the same validation.
+
+        Raises:
+            RunError: a callback failed on the driver: every rank stops here, before this
+                validation's checkpoint (a re-run resumes from the one before).
+        """
+        code, message = 0.0, "the driver's callbacks asked to stop"
+        if ask is not None:
+            reason, text = self.ctx.driver_decision(ask)
+            if reason in _DRIVER_ANSWERS:
+                code, message = float(_DRIVER_ANSWERS.index(reason) + 1), str(text)
+            elif reason is not None:
+                logger.warning("ignored an unknown answer of the driver: %r", reason)
+        if self.ctx.world_size > 1:
+            code = float(self.ctx.all_reduce_sum(torch.tensor([code], dtype=torch.float64))[0])
+        if code == 0:
+            return decision
+        answer = _DRIVER_ANSWERS[int(code) - 1]
+        if answer == DRIVER_FAILED:
+            raise RunError(
+                f"stopped at iteration {self.state.iteration}: "
+                f"{message if ask is not None else 'a callback failed on the driver'}"
+            )
+        return Decision(
+            stop=True, reason=StopReason(answer), improved=decision.improved, message=message
+        )
 
     def _check_train_loss(self, decision: Decision, values: dict[str, float]) -> Decision:
         """A non-finite training loss stops the run too (``check_finite``)."""
@@ -498,8 +540,12 @@ class Loop:
         state = self.state
         state.iteration += 1
         self.clock.stepped(state.iteration, rows)
-        if self.ctx.rank == 0 and self.clock.tick_due():
-            self._tick()
+        if self.ctx.rank == 0:
+            if self.clock.tick_due():
+                self._tick()
+            every = self.cfg.log_every_n_steps
+            if every and state.iteration % every == 0 and self.last_loss is not None:
+                self._train_log()
         max_it, interval = self.cfg.max_iterations, self.cfg.interval
         if max_it is not None and state.iteration >= max_it:
             return True
@@ -517,6 +563,14 @@ class Loop:
                 "steps_per_epoch": self.steps_per_epoch,
             }
         )
+
+    def _train_log(self) -> None:
+        """Rank 0's loss and learning rate for the loggers, without a collective (the merged
+        values come at validations)."""
+        assert self.last_loss is not None
+        values = {"train/objective_step": float(self.last_loss)}
+        values["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
+        self.ctx.event({"kind": "train_log", "iteration": self.state.iteration, "values": values})
 
     def _compile(self) -> None:
         """``torch.compile`` the module used for training forward passes (the plain module keeps

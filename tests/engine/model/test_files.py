@@ -77,9 +77,10 @@ def test_model_save_load_round_trip(tmp_path):
     model = _trained(tmp_path)
     x = torch.randn(3)
     path = model.save(tmp_path / "m")
-    assert sorted(os.listdir(path)) == ["model.json", "weights.pt"]
+    assert sorted(os.listdir(path)) == ["model.json", "model.safetensors", "optimizer.pt"]
     meta = json.loads((path / "model.json").read_text())
-    assert meta["format"] == "raytorch.model" and meta["version"] == 1
+    assert meta["format"] == "raytorch.model" and meta["version"] == 2
+    assert meta["weights"] == "model.safetensors" and meta["module"]["load"] == "rebuild"
     assert meta["module"]["factory"]["args"] == [3, 2]
     assert meta["config"]["preprocess"] == {"$ref": f"{__name__}:double"}
 
@@ -105,7 +106,7 @@ def test_model_save_load_round_trip(tmp_path):
 def test_a_crash_mid_save_keeps_the_previous_model(tmp_path, monkeypatch):
     model = _trained(tmp_path)
     path = model.save(tmp_path / "m")
-    before = (path / "weights.pt").read_bytes()
+    before = (path / "model.safetensors").read_bytes()
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
@@ -117,7 +118,7 @@ def test_a_crash_mid_save_keeps_the_previous_model(tmp_path, monkeypatch):
         model.save(path)
     with pytest.raises(OSError, match="disk full"):
         model.save(tmp_path / "fresh")
-    assert (path / "weights.pt").read_bytes() == before
+    assert (path / "model.safetensors").read_bytes() == before
     assert not (tmp_path / "fresh").exists()
     assert leftovers(path) == [] and leftovers(tmp_path / "fresh") == []
 
@@ -148,9 +149,7 @@ def test_plain_modules_load_by_class_or_with_object(tmp_path):
 
     linear = TorchModel("linear", object=torch.nn.Linear(3, 2))
     linear.save(tmp_path / "linear")
-    with pytest.raises(
-        CheckpointError, match=r"pass TorchModel.load\(\.\.\., object=Linear\(\.\.\.\)"
-    ):
+    with pytest.raises(CheckpointError, match=r"object=Linear\(\.\.\.\)\) loads its weights"):
         TorchModel.load(tmp_path / "linear")
     loaded = TorchModel.load(tmp_path / "linear", object=torch.nn.Linear(3, 2))
     assert torch.equal(loaded.object.weight, linear.object.weight)
@@ -194,7 +193,7 @@ def test_a_factory_with_non_json_args_falls_back_to_the_class(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="raytorch"):
         path = model.save(tmp_path / "m")
     assert "saving its module class only" in caplog.text
-    with pytest.raises(CheckpointError, match=r"saved without a factory.*object=Net\(\.\.\.\)"):
+    with pytest.raises(CheckpointError, match=r"object=Net\(\.\.\.\)\) loads its weights"):
         TorchModel.load(path)
     fresh = Net("again", 3, 2).object
     assert TorchModel.load(path, object=fresh).object is fresh
@@ -213,3 +212,92 @@ def test_functions_of_the_running_script_are_referenced_by_name(monkeypatch):
     monkeypatch.setitem(sys.modules, "__main__", fake_main)
     assert to_json_value(main_fn, "preprocess") == {"$ref": "__main__:main_fn"}
     assert from_json_value({"$ref": "__main__:main_fn"}, "preprocess") is main_fn
+
+
+# -- weights any tool reads
+
+
+class Tied(torch.nn.Module):
+    """Input and output embeddings share one tensor (stored once in safetensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.out = torch.nn.Linear(3, 5, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.out(self.embed(x))
+
+
+def test_weights_are_safetensors_with_plain_keys_that_plain_torch_loads(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model = _trained(tmp_path)
+    compiled = TorchModel("compiled", object=torch.compile(NoArgNet()))  # keys: _orig_mod.*
+    path = model.save(tmp_path / "m")
+    # No raytorch: safetensors' reader and a module built by hand.
+    state = load_file(path / "model.safetensors")
+    assert sorted(state) == ["body.0.bias", "body.0.weight", "body.2.bias", "body.2.weight"]
+    fresh = Net.__raytorch_module__(3, 2, hidden=5)
+    fresh.load_state_dict(state)
+    x = torch.randn(4, 3)
+    assert torch.equal(fresh(x), model.object(x))
+    with safe_open(path / "model.safetensors", "pt") as f:
+        assert f.metadata()["format"] == "pt"
+
+    compiled_path = compiled.save(tmp_path / "compiled")
+    keys = sorted(load_file(compiled_path / "model.safetensors"))
+    assert keys == ["linear.bias", "linear.weight"]
+    again = TorchModel.load(compiled_path, object=torch.compile(NoArgNet()))
+    assert torch.equal(again.object.linear.weight, compiled.object.linear.weight)
+
+    tied = TorchModel("tied", object=Tied())
+    tied_path = tied.save(tmp_path / "tied")
+    loaded = TorchModel.load(tied_path)
+    assert loaded.object.out.weight is loaded.object.embed.weight  # still one tensor
+    assert torch.equal(loaded.object.embed.weight, tied.object.embed.weight)
+
+
+def test_a_directory_of_the_earlier_format_still_loads(tmp_path):
+    from raytorch.engine.io import save_state, write_json
+
+    model = _trained(tmp_path)
+    path = model.save(tmp_path / "m")
+    meta = json.loads((path / "model.json").read_text())
+    old = tmp_path / "old"
+    old.mkdir()
+    meta.update(version=1)
+    del meta["weights"]
+    del meta["module"]["load"]
+    write_json(old / "model.json", meta)
+    save_state(
+        old / "weights.pt",
+        {"state_dict": model.object.state_dict(), "optimizer_state": model.optimizer_state},
+    )
+    loaded = TorchModel.load(old)
+    assert torch.equal(loaded.object.body[0].weight, model.object.body[0].weight)
+    assert loaded.optimizer_state["param_groups"][0]["lr"] == 0.1
+
+
+def test_a_plain_module_object_says_at_save_and_at_load_that_it_needs_object(tmp_path, caplog):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    model = TorchModel("seq", object=net)
+    with caplog.at_level("WARNING", logger="raytorch"):
+        path = model.save(tmp_path / "seq")
+    assert "TorchModel.load(path, object=Sequential(...)) loads its weights" in caplog.text
+    meta = json.loads((path / "model.json").read_text())
+    assert meta["module"]["load"] == "object"
+    assert "Sequential() builds a module of other parameters" in meta["module"]["reason"]
+    # Said before anything is read: even with damaged weights the answer is the same.
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"object=Sequential\(\.\.\.\)\) loads its"):
+        TorchModel.load(path)
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not a complete safetensors"):
+        TorchModel.load(path, object=net)
+    path = model.save(tmp_path / "seq")  # whole again
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    loaded = TorchModel.load(path, object=fresh)
+    x = torch.randn(2, 3)
+    assert torch.equal(loaded.object(x), net(x))

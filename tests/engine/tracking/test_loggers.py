@@ -1,4 +1,5 @@
-"""TensorBoard and MLflow loggers, read back with their own readers (no Ray)."""
+"""TensorBoard, MLflow and W&B loggers and logger objects, read back with their own readers
+(no Ray)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from raytorch.core.extensions import RunHandle, RunLogger
 from raytorch.engine.tracking import (
     LoggerHub,
     MlflowLogger,
-    RunLogger,
     TensorBoardLogger,
     missing_extras,
     open_loggers,
@@ -53,21 +54,26 @@ SUMMARY = {
 }
 
 
+def _run(run_dir, name="r", identifier="exp"):
+    return RunHandle(name, run_dir, {"identifier": identifier})
+
+
 def test_tensorboard_writes_every_key_at_its_iteration_and_a_restart_replaces_steps(tmp_path):
     run_dir = tmp_path / "run"
-    tb = TensorBoardLogger(run_dir)
-    tb.begin(0)
+    hub = open_loggers(["tensorboard"], _run(run_dir), {})
+    hub.begin(0)
     for it, value in ((0, 1.0), (10, 0.5), (20, 0.375)):  # float32-exact values
-        tb.validation(
+        hub.validation(
             it, {"epoch": 0.0, "train/objective": value + 0.125, "valid/objective": value}
         )
     # The group restarts from the checkpoint of iteration 10: step 20 is trained (and logged) again.
-    tb.begin(10)
+    hub.begin(10)
     for it, value in ((20, 0.3125), (30, 0.25)):
-        tb.validation(
+        hub.validation(
             it, {"epoch": 1.0, "train/objective": value + 0.125, "valid/objective": value}
         )
-    tb.finish(SUMMARY, run_dir)
+    hub.finish(SUMMARY, run_dir)
+    assert hub.records() == {"tensorboard": {"ok": True, "logdir": "tensorboard"}}
 
     logdir = run_dir / "tensorboard"
     assert _scalars(logdir, "valid/objective") == [(0, 1.0), (10, 0.5), (20, 0.3125), (30, 0.25)]
@@ -79,14 +85,14 @@ def test_tensorboard_writes_every_key_at_its_iteration_and_a_restart_replaces_st
     assert texts["run/best"] == "valid/objective=0.25 at iteration 20"
 
 
-def test_tensorboard_for_an_object_storage_run_directory_lands_in_the_staged_files(tmp_path):
-    tb = TensorBoardLogger("s3://bucket/runs/r1")  # written locally, carried up with the run
-    tb.begin(0)
-    tb.validation(0, {"valid/objective": 1.0})
-    staged = tmp_path / "staged"
-    staged.mkdir()
-    tb.finish(SUMMARY, staged)
-    assert _scalars(staged / "tensorboard", "valid/objective") == [(0, 1.0)]
+def test_tensorboard_for_a_uri_run_directory_is_written_locally_and_carried_up(tmp_path):
+    target = tmp_path / "bucket" / "r1"
+    tb = TensorBoardLogger()
+    tb.setup(_run(target.as_uri()))  # a URI: written locally, uploaded at the end
+    tb.log_metrics(0, {"valid/objective": 1.0})
+    assert not target.exists()
+    tb.finish("completed", SUMMARY)
+    assert _scalars(target / "tensorboard", "valid/objective") == [(0, 1.0)]
 
 
 def _files(tmp_path: Path) -> Path:
@@ -103,7 +109,7 @@ def test_mlflow_run_gets_params_metrics_artifacts_tags_and_a_resume_continues_it
 ):
     run_dir = tmp_path / "run"
     params = {"identifier": "m", "optimizer_kwargs": {"lr": 0.001}, "loggers": ["mlflow"]}
-    hub = open_loggers(["mlflow"], run_dir, "m-run", "exp-m", params)
+    hub = open_loggers(["mlflow"], _run(run_dir, "m-run", "exp-m"), params)
     assert not hub.failures
     hub.begin(0)
     hub.validation(0, {"epoch": 0.0, "valid/objective": 1.0, "train/objective": math.nan})
@@ -114,7 +120,7 @@ def test_mlflow_run_gets_params_metrics_artifacts_tags_and_a_resume_continues_it
     recorded = json.loads((run_dir / "mlflow.json").read_text())
     assert recorded["run_id"] == run_id and recorded["tracking_uri"] == mlflow_store.tracking_uri
     # The driver dies here; the same run_name is run again and resumes from iteration 10.
-    hub2 = open_loggers(["mlflow"], run_dir, "m-run", "exp-m", params)
+    hub2 = open_loggers(["mlflow"], _run(run_dir, "m-run", "exp-m"), params)
     (mlf2,) = hub2.loggers
     assert mlf2.run_id == run_id
     hub2.begin(10)
@@ -143,7 +149,7 @@ def test_mlflow_run_gets_params_metrics_artifacts_tags_and_a_resume_continues_it
 
 
 def test_a_failed_run_ends_its_mlflow_run_failed_with_the_error(tmp_path, mlflow_store):
-    hub = open_loggers(["mlflow"], tmp_path / "run", "f-run", "exp-f", {})
+    hub = open_loggers(["mlflow"], _run(tmp_path / "run", "f-run", "exp-f"), {})
     hub.validation(0, {"valid/objective": 1.0})
     hub.fail("failed", "TrainingError: rank 0 failed at iteration 3")
     run = mlflow_store.get_run(hub.loggers[0].run_id)
@@ -156,25 +162,26 @@ def test_a_damaged_mlflow_record_starts_a_new_run_with_a_warning(tmp_path, mlflo
     run_dir.mkdir()
     (run_dir / "mlflow.json").write_text('["not", "a", "record"]')
     with caplog.at_level(logging.WARNING, logger="raytorch"):
-        hub = open_loggers(["mlflow"], run_dir, "d-run", "exp-d", {})
-    assert "mlflow.json is not an MLflow run record" in caplog.text
+        hub = open_loggers(["mlflow"], _run(run_dir, "d-run", "exp-d"), {})
+    assert "mlflow.json is not a run record" in caplog.text
     assert json.loads((run_dir / "mlflow.json").read_text())["run_id"] == hub.loggers[0].run_id
 
 
 class _Broken(RunLogger):
     name = "broken"
 
-    def validation(self, iteration, values):
+    def log_metrics(self, step, metrics):
         raise OSError("disk full")
 
 
 def test_a_failing_logger_is_switched_off_and_recorded_and_the_others_go_on(tmp_path, caplog):
-    tb = TensorBoardLogger(tmp_path / "run")
+    tb = TensorBoardLogger()
+    tb.setup(_run(tmp_path / "run"))
     hub = LoggerHub([_Broken(), tb])
     with caplog.at_level(logging.WARNING, logger="raytorch"):
         hub.validation(0, {"valid/objective": 1.0})
         hub.validation(10, {"valid/objective": 0.5})
-    assert "the broken logger failed in validation (OSError: disk full)" in caplog.text
+    assert "the broken logger failed in log_metrics (OSError: disk full)" in caplog.text
     assert caplog.text.count("broken logger failed") == 1  # switched off after the first
     hub.finish(SUMMARY, tmp_path / "run")
     assert hub.records() == {
@@ -225,8 +232,10 @@ def test_loggers_are_checked_by_name_and_once_each(tmp_path):
 
     from tests._digits import small_trainer
 
-    with pytest.raises(ValidationError, match="loggers"):
-        small_trainer(tmp_path, "x", loggers=["wandb"])
+    with pytest.raises(ValidationError, match=r"loggers\[0\]='wandbb'.*did you mean 'wandb'"):
+        small_trainer(tmp_path, "x", loggers=["wandbb"])
+    with pytest.raises(ValidationError, match=r"loggers\[1\]='torch.nn:Linear' is not a subclass"):
+        small_trainer(tmp_path, "x", loggers=["csv", "torch.nn:Linear"])
     with pytest.raises(ValidationError, match=r"loggers: \['csv'\] given more than once"):
         small_trainer(tmp_path, "x", loggers=["csv", "csv"])
 
@@ -242,7 +251,7 @@ def test_an_unreachable_tracking_server_is_reported_at_once_and_switched_off(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
     started = time.monotonic()
     with caplog.at_level("WARNING", logger="raytorch"):
-        hub = open_loggers(["mlflow"], tmp_path / "run", "r", "exp", {"lr": 0.1})
+        hub = open_loggers(["mlflow"], _run(tmp_path / "run"), {"lr": 0.1})
     assert time.monotonic() - started < 10  # not MLflow's minutes of retries
     assert hub.loggers == []
     assert "does not answer within 3 s" in hub.failures["mlflow"]
