@@ -43,19 +43,21 @@ class _Drain:
     the run's monitor (``raytorch.engine.tracking.monitor``: the display, the loggers and the
     callbacks)."""
 
-    def __init__(self, channel: Channel, monitor: TrainMonitor, period_s: float = 0.3) -> None:
+    def __init__(self, channel: Channel, monitor: TrainMonitor, period_s: float = 1.0) -> None:
         self.channel, self.monitor, self.period_s = channel, monitor, period_s
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="raytorch-progress", daemon=True)
         self.pending: Any = None  # a drain asked for and not yet answered: never asked twice
 
-    def _emit(self, wait_s: float = 10.0) -> None:
+    def _emit(self, wait_s: float = 10.0, hold_s: float = 0.0) -> None:
+        """Handle what the sink holds: asked to return as soon as something arrives or
+        ``hold_s`` passed, and awaited up to ``wait_s``."""
         import ray
 
         try:
             if self.pending is None:
-                self.pending = self.channel.drain()
-            ready, _ = ray.wait([self.pending], timeout=wait_s)
+                self.pending = self.channel.drain(hold_s)
+            ready, _ = ray.wait([self.pending], timeout=wait_s + hold_s)
             if not ready:  # slow: the same request is awaited next time, so nothing is lost
                 return
             events, self.pending = ray.get(self.pending), None
@@ -70,8 +72,10 @@ class _Drain:
                 logger.warning("a progress event could not be shown: %s", exc)
 
     def _run(self) -> None:
-        while not self.stop.wait(self.period_s):
-            self._emit()
+        # The sink holds each drain until events arrive: they are handled as they come, and
+        # an idle run costs one call per period.
+        while not self.stop.is_set():
+            self._emit(hold_s=self.period_s)
 
     def __enter__(self) -> _Drain:
         self.thread.start()
@@ -138,11 +142,11 @@ def launch(
     if plan.message:
         logger.warning(plan.message)
     monitor = monitor or TrainMonitor()
-    # With callbacks, rank 0 waits at every validation for their answer: drain often.
+    # With callbacks, rank 0 waits at every validation for their answer.
     decides = bool(monitor.callbacks)
     if decides:
         monitor.answer = sink.decide
-    with _Drain(sink, monitor, period_s=0.05 if decides else 0.3):
+    with _Drain(sink, monitor, period_s=1.0):
         if plan.num_workers == 1:
             run_dir = join(storage_path, run_name)
             return _run_task(model, cfg, plan, shards[0], seed, sink, run_dir, resume, decides)

@@ -7,6 +7,7 @@ a small zero-CPU actor that a driver thread drains into the ``raytorch`` logger.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,29 +28,62 @@ from raytorch.engine.train import Batch, LoopResult, TensorBatches, WorkerContex
 
 
 class ProgressSink:
-    """A zero-CPU actor holding progress lines and events until the driver drains them, and
-    the driver's answers to validations that wait for its callbacks (``decide``).
+    """A zero-CPU async actor holding progress lines and events until the driver drains them,
+    and the driver's answers to validations that wait for its callbacks (``decide``).
 
     One sink serves every fit of a driver process; each fit has a channel of its own (a
     ``Channel`` key), so fits that run at once (a sweep's trials) never see each other's events.
+    ``drain`` and ``decision`` wait (up to ``wait_s``) for something to arrive, so an event and
+    an answer cross in milliseconds without anyone polling fast.
     """
 
     def __init__(self) -> None:
         self.lines: dict[str, list[Any]] = {}
         self.answers: dict[str, tuple[str | None, str]] = {}
+        self.changed: Any = None  # an asyncio.Condition, made in the actor's event loop
 
-    def put(self, channel: str, line: Any) -> None:
-        self.lines.setdefault(channel, []).append(line)
+    def _condition(self) -> Any:
+        import asyncio
 
-    def drain(self, channel: str) -> list[Any]:
-        return self.lines.pop(channel, [])
+        if self.changed is None:
+            self.changed = asyncio.Condition()
+        return self.changed
 
-    def decide(self, ask: str, stop_reason: str | None, message: str) -> None:
-        self.answers[ask] = (stop_reason, message)
+    async def put(self, channel: str, line: Any) -> None:
+        changed = self._condition()
+        async with changed:
+            self.lines.setdefault(channel, []).append(line)
+            changed.notify_all()
 
-    def decision(self, ask: str) -> tuple[str | None, str] | None:
-        """The driver's answer to ``ask`` (taken once), or None while it has not answered."""
-        return self.answers.pop(ask, None)
+    async def drain(self, channel: str, wait_s: float = 0.0) -> list[Any]:
+        import asyncio
+
+        changed = self._condition()
+        async with changed:
+            if not self.lines.get(channel) and wait_s > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        changed.wait_for(lambda: bool(self.lines.get(channel))), wait_s
+                    )
+            return self.lines.pop(channel, [])
+
+    async def decide(self, ask: str, stop_reason: str | None, message: str) -> None:
+        changed = self._condition()
+        async with changed:
+            self.answers[ask] = (stop_reason, message)
+            changed.notify_all()
+
+    async def decision(self, ask: str, wait_s: float = 0.0) -> tuple[str | None, str] | None:
+        """The driver's answer to ``ask`` (taken once), or None if it has not answered within
+        ``wait_s``."""
+        import asyncio
+
+        changed = self._condition()
+        async with changed:
+            if ask not in self.answers and wait_s > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait_for(lambda: ask in self.answers), wait_s)
+            return self.answers.pop(ask, None)
 
 
 @dataclass(frozen=True)
@@ -62,24 +96,25 @@ class Channel:
     def put(self, line: Any) -> None:
         self.sink.put.remote(self.key, line)
 
-    def drain(self) -> Any:
-        """An object ref of the lines waiting (taken from the sink)."""
-        return self.sink.drain.remote(self.key)
+    def drain(self, wait_s: float = 0.0) -> Any:
+        """An object ref of the lines waiting (taken from the sink), once some are there or
+        ``wait_s`` has passed."""
+        return self.sink.drain.remote(self.key, wait_s)
 
     def decide(self, ask: str, stop_reason: str | None, message: str) -> None:
         self.sink.decide.remote(ask, stop_reason, message)
 
-    def decision(self, ask: str) -> tuple[str | None, str] | None:
+    def decision(self, ask: str, wait_s: float = 0.0) -> tuple[str | None, str] | None:
         import ray
 
-        return ray.get(self.sink.decision.remote(ask))  # type: ignore[no-any-return]
+        return ray.get(self.sink.decision.remote(ask, wait_s))  # type: ignore[no-any-return]
 
 
-# How often rank 0 asks the sink for the driver's answer, how long between its notes that it
+# How long one wait of rank 0 for the driver's answer lasts, how long between its notes that it
 # still waits (a callback that takes long holds every worker at that validation), and when it
 # goes on without the answer (the driver's thread is gone; going on is safe: rank 0 alone
 # decides, and the all-reduce keeps every rank in step).
-_POLL_S = 0.02
+_POLL_S = 5.0
 _WAIT_NOTE_S = 60.0
 _WAIT_LIMIT_S = 600.0
 
@@ -278,10 +313,9 @@ class RayContext(WorkerContext):
 
         started = noted = time.monotonic()
         while True:
-            answer = self.sink.decision(ask)
+            answer = self.sink.decision(ask, _POLL_S)  # returns as soon as the driver answers
             if answer is not None:
                 return answer[0], answer[1]
-            time.sleep(_POLL_S)
             now = time.monotonic()
             if now - started > _WAIT_LIMIT_S:
                 logging.getLogger("raytorch").warning(
