@@ -17,6 +17,7 @@ from raytorch.core.signature import Signature
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from raytorch.cluster.inference import PredictSummary, predict
+    from raytorch.cluster.sweep import tune
     from raytorch.cluster.trainer import TorchTrainer, evaluate
     from raytorch.core.batching import create_batch, unpack_batch
     from raytorch.core.devices import DeviceChoice, choose_device
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from raytorch.engine.tracking import (
         MaxTime,
         MlflowLogger,
+        SweepResult,
         TensorBoardLogger,
         TrainingResult,
         WandbLogger,
@@ -56,6 +58,8 @@ _LAZY = {
     "WandbLogger": "raytorch.engine.tracking",
     "MaxTime": "raytorch.engine.tracking",
     "evaluate": "raytorch.cluster.trainer",
+    "tune": "raytorch.cluster",
+    "SweepResult": "raytorch.engine.tracking",
     "predict": "raytorch.cluster.inference",
     "PredictSummary": "raytorch.cluster.inference",
 }
@@ -75,6 +79,7 @@ __all__ = [
     "RunLogger",
     "Signature",
     "StopReason",
+    "SweepResult",
     "TensorBoardLogger",
     "TorchModel",
     "TorchTrainer",
@@ -86,6 +91,7 @@ __all__ = [
     "evaluate",
     "predict",
     "torchmodel",
+    "tune",
     "unpack_batch",
 ]
 

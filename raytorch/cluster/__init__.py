@@ -1,5 +1,6 @@
 """Layer 3, every touch of Ray: the session, the launcher (a Ray task or Ray Train), sources on Ray,
-the batch-inference pipeline, the ``TorchTrainer.fit`` driver, and ``compat``."""
+the batch-inference pipeline, the ``TorchTrainer.fit`` driver, sweeps on Ray Tune, and
+``compat``."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         exit_when_cluster_lost,
         override_env,
         ray_env,
+    )
+    from raytorch.cluster.sweep import (
+        ModelObject,
+        rebuilt_model,
+        tune,
     )
     from raytorch.cluster.trainer import (
         TorchTrainer,
@@ -60,6 +66,11 @@ __all__, __getattr__, __dir__ = face(
             "exit_when_cluster_lost",
             "override_env",
             "ray_env",
+        ],
+        "sweep": [
+            "ModelObject",
+            "rebuilt_model",
+            "tune",
         ],
         "trainer": [
             "TorchTrainer",

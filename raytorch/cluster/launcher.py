@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from raytorch.cluster.compat import train_start_timeout
@@ -29,7 +30,7 @@ from raytorch.core.failure import Action, FailureKind, FailureStatus, decide
 from raytorch.core.resources import WorkerPlan, hold_problem
 from raytorch.engine.io import join
 from raytorch.engine.tracking import TrainMonitor
-from raytorch.engine.train import LoopResult
+from raytorch.engine.train import LoopResult, run_loop
 
 logger = logging.getLogger("raytorch")
 
@@ -138,10 +139,12 @@ def launch(
             or workers died more than ``max_failures`` times.
     """
 
-    sink = Channel(_progress_sink(), uuid.uuid4().hex)
     if plan.message:
         logger.warning(plan.message)
     monitor = monitor or TrainMonitor()
+    if plan.num_workers == 1 and _HERE.enabled:
+        return _run_here(model, cfg, shards[0], seed, join(storage_path, run_name), resume, monitor)
+    sink = Channel(_progress_sink(), uuid.uuid4().hex)
     # With callbacks, rank 0 waits at every validation for their answer.
     decides = bool(monitor.callbacks)
     if decides:
@@ -153,6 +156,59 @@ def launch(
         return _fit_ray_train(
             model, cfg, plan, shards, train_ds, seed, sink, storage_path, run_name, resume, decides
         )
+
+
+class _Here(threading.local):
+    enabled = False
+
+
+_HERE = _Here()
+
+
+@contextlib.contextmanager
+def worker_here() -> Iterator[None]:
+    """Fits in this thread run their one worker in this process (a sweep's trial: an actor that
+    already holds the worker's resources), not in a Ray task of its own."""
+    previous, _HERE.enabled = _HERE.enabled, True
+    try:
+        yield
+    finally:
+        _HERE.enabled = previous
+
+
+def _run_here(
+    model: Any,
+    cfg: TrainerConfig,
+    shard: ShardSpec,
+    seed: int | None,
+    run_dir: str,
+    resume: str | None,
+    monitor: TrainMonitor,
+) -> LoopResult:
+    """One worker in this process: the same loop and context as a Ray task's, its events
+    handed to the monitor directly; the model trained is a copy (as a task's is), and the
+    process's thread count and random states are put back after."""
+    import copy
+    import random
+
+    import numpy as np
+    import torch
+
+    from raytorch.cluster.worker import LocalChannel, RayContext
+
+    channel = LocalChannel(monitor)
+    ctx = RayContext(
+        cfg, shard, seed, channel, run_dir=run_dir, resume=resume, decides=bool(monitor.callbacks)
+    )
+    threads = torch.get_num_threads()
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        return run_loop(copy.deepcopy(model), cfg, ctx, seed)
+    finally:
+        torch.set_num_threads(threads)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 def _system_errors() -> tuple[type[BaseException], ...]:

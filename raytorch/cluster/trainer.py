@@ -350,6 +350,8 @@ class TorchTrainer(TrainerConfig):
             error: BaseException = ClusterLostError(lost) if lost else exc
             if monitor.callbacks.failure is not None:  # the workers stopped because of it
                 error = monitor.callbacks.failure
+            elif monitor.callbacks.interrupted is not None:  # run.interrupt: resumable
+                error = KeyboardInterrupt(monitor.callbacks.interrupted)
             status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
             monitor.loggers.fail(status, f"{type(error).__name__}: {error}")
             write_failed(run.run_dir, run.run_name, run.seed, error, run.started_at)
@@ -415,7 +417,7 @@ class TorchTrainer(TrainerConfig):
             write_run_dir(result, self, out.best_state_dict, monitor.loggers)
         finally:
             monitor.loggers.close()
-        if result.status is not RunStatus.COMPLETED:
+        if result.status in (RunStatus.NON_FINITE, RunStatus.DIVERGED):
             logger.warning(
                 "run %s ended %s: %s; the model holds the best weights seen before (or the "
                 "initial ones)",

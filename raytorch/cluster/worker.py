@@ -110,6 +110,30 @@ class Channel:
         return ray.get(self.sink.decision.remote(ask, wait_s))  # type: ignore[no-any-return]
 
 
+class LocalChannel:
+    """A fit's channel when its one worker runs in the driver's own process: events go to the
+    monitor at once, in the worker's thread, and the monitor's answers are read back there."""
+
+    def __init__(self, monitor: Any) -> None:
+        self.monitor = monitor
+        self.answers: dict[str, tuple[str | None, str]] = {}
+        monitor.answer = self.decide
+
+    def put(self, line: Any) -> None:
+        import logging
+
+        try:
+            self.monitor.handle(line)
+        except Exception as exc:  # progress is best effort, as through the sink
+            logging.getLogger("raytorch").warning("a progress event could not be shown: %s", exc)
+
+    def decide(self, ask: str, stop_reason: str | None, message: str) -> None:
+        self.answers[ask] = (stop_reason, message)
+
+    def decision(self, ask: str, wait_s: float = 0.0) -> tuple[str | None, str] | None:
+        return self.answers.pop(ask, (None, ""))  # answered before put() returned
+
+
 # How long one wait of rank 0 for the driver's answer lasts, how long between its notes that it
 # still waits (a callback that takes long holds every worker at that validation), and when it
 # goes on without the answer (the driver's thread is gone; going on is safe: rank 0 alone
@@ -166,6 +190,7 @@ class RayContext(WorkerContext):
         self._valid_data: Batch | None = None
 
     def setup(self, device: torch.device) -> None:
+        import pyarrow as pa
         import ray
 
         from raytorch.cluster.sources import arrow_collate
@@ -182,12 +207,12 @@ class RayContext(WorkerContext):
         def load(refs: Any, split: str) -> Batch | None:
             if isinstance(refs, Download):  # download=True: read from this worker's local copy
                 refs = [ray.put(refs.read(self.rank, self.world_size))]
-            tables = [t for t in ray.get(refs) if t.num_rows]
+            # Object refs from the driver, or (a worker in the driver's process) the tables.
+            got = [r if isinstance(r, pa.Table) else ray.get(r) for r in refs]
+            tables = [t for t in got if t.num_rows]
             if not tables:
                 return None
             if self.user_collate is not None:
-                import pyarrow as pa
-
                 out = self.user_collate(pa.concat_tables(tables))
                 batch = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
             else:

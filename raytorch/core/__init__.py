@@ -69,6 +69,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     )
     from raytorch.core.extensions import (
         DRIVER_FAILED,
+        DRIVER_INTERRUPTED,
         DRIVER_STOPS,
         Callback,
         RunHandle,
@@ -96,6 +97,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from raytorch.core.live import (
         PredictDisplay,
         Rate,
+        SweepDisplay,
         TrainDisplay,
         duration,
         live_wanted,
@@ -133,6 +135,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     )
     from raytorch.core.resolve import (
         OBJECTIVES,
+        kwargs_problem,
         objective_problem,
         resolve_callable,
         resolve_optimizer,
@@ -145,6 +148,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         compute_problems,
         hold_problem,
         pending_allowed,
+        placeable,
         plan_pool,
         plan_workers,
         resource_request,
@@ -172,6 +176,18 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         StopReason,
         default_mode,
         step,
+    )
+    from raytorch.core.sweep import (
+        DOMAINS,
+        GOOD_TRIALS,
+        Domain,
+        SweepOptions,
+        TrialStatus,
+        best_trial,
+        grid_size,
+        parse_domain,
+        parse_space,
+        sweep_status,
     )
     from raytorch.core.units import (
         Unit,
@@ -243,6 +259,7 @@ __all__, __getattr__, __dir__ = face(
         ],
         "extensions": [
             "DRIVER_FAILED",
+            "DRIVER_INTERRUPTED",
             "DRIVER_STOPS",
             "Callback",
             "RunHandle",
@@ -270,6 +287,7 @@ __all__, __getattr__, __dir__ = face(
         "live": [
             "PredictDisplay",
             "Rate",
+            "SweepDisplay",
             "TrainDisplay",
             "duration",
             "live_wanted",
@@ -307,6 +325,7 @@ __all__, __getattr__, __dir__ = face(
         ],
         "resolve": [
             "OBJECTIVES",
+            "kwargs_problem",
             "objective_problem",
             "resolve_callable",
             "resolve_optimizer",
@@ -319,6 +338,7 @@ __all__, __getattr__, __dir__ = face(
             "compute_problems",
             "hold_problem",
             "pending_allowed",
+            "placeable",
             "plan_pool",
             "plan_workers",
             "resource_request",
@@ -346,6 +366,18 @@ __all__, __getattr__, __dir__ = face(
             "StopperState",
             "default_mode",
             "step",
+        ],
+        "sweep": [
+            "DOMAINS",
+            "GOOD_TRIALS",
+            "Domain",
+            "SweepOptions",
+            "TrialStatus",
+            "best_trial",
+            "grid_size",
+            "parse_domain",
+            "parse_space",
+            "sweep_status",
         ],
         "units": [
             "Unit",

@@ -17,6 +17,7 @@ from typing import Any
 # stops every worker because a callback failed (the run then fails: no stopped checkpoint).
 DRIVER_STOPS = ("callback", "max_time", "pruned")
 DRIVER_FAILED = "driver_failed"
+DRIVER_INTERRUPTED = "driver_interrupted"  # stopped to resume later: result.json interrupted
 
 
 class RunHandle:
@@ -31,6 +32,7 @@ class RunHandle:
         self.name, self.run_dir, self.config = name, run_dir, dict(config)
         self.stop_reason: str | None = None  # the stop reason's value once asked for
         self.stop_message: str | None = None
+        self.interrupted: str | None = None  # why the run was interrupted (``interrupt``)
 
     def request_stop(self, reason: str) -> None:
         """Stop the run: asked in ``on_validation``, every worker leaves the loop at that
@@ -52,9 +54,16 @@ class RunHandle:
         if self.stop_reason is None:
             self.stop_reason, self.stop_message = stop_reason, str(message)
 
+    def interrupt(self, reason: str) -> None:
+        """End the run as interrupted (as Ctrl-C does): every worker stops at the validation
+        being handled, before its checkpoint; ``result.json`` says ``interrupted`` and running
+        the same run again resumes it (e.g. the machine is about to be taken away)."""
+        if self.interrupted is None:
+            self.interrupted = str(reason)
+
     @property
     def stopping(self) -> bool:
-        return self.stop_reason is not None
+        return self.stop_reason is not None or self.interrupted is not None
 
 
 class Callback:

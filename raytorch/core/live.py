@@ -253,3 +253,50 @@ class PredictDisplay:
         if self.live is not None:
             self.live.close()
             self.live = None
+
+
+class SweepDisplay:
+    """A sweep's progress: a bar of trials ended of all, the counts of running, pruned and
+    failed trials and the best so far (live on a terminal); one line per trial event."""
+
+    def __init__(self, total: int | None, metric: str, mode: str, live: bool | None = None):
+        self.total, self.metric, self.mode = total, metric, mode
+        self.states: dict[str, str] = {}
+        self.best: tuple[float, str] | None = None
+        self.live = _Live("sweep", total) if (live if live is not None else live_wanted()) else None
+
+    def line(self, text: str) -> None:
+        logger.info(text)
+
+    def trial(self, name: str, state: str, value: float | None = None) -> None:
+        """``name`` is ``running``, ``pruned``, ``completed`` or ``failed`` now; ``value`` its
+        best value so far."""
+        self.states[name] = state
+        if value is not None and value == value:  # not NaN
+            better = self.best is None or (
+                value < self.best[0] if self.mode == "min" else value > self.best[0]
+            )
+            if better:
+                self.best = (value, name)
+        self._draw()
+
+    def status_text(self) -> str:
+        counts = {
+            s: sum(1 for v in self.states.values() if v == s) for s in set(self.states.values())
+        }
+        parts = [f"{counts.get(s, 0)} {s}" for s in ("running", "completed", "pruned", "failed")]
+        best = f"best {self.metric}={self.best[0]:.4g} ({self.best[1]})" if self.best else ""
+        return " | ".join(p for p in (", ".join(parts), best) if p)
+
+    def _draw(self) -> None:
+        if self.live is None:
+            return
+        ended = sum(1 for v in self.states.values() if v != "running")
+        total = self.total or len(self.states)
+        self.live.update(ended, total, f"{ended}/{total} trials", "", "?")
+        self.live.set_status(self.status_text())
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.close()
+            self.live = None

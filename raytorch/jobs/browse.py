@@ -8,6 +8,7 @@ such in its row and never stops the listing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -81,6 +82,9 @@ def read_run(path: str) -> RunInfo | None:
     from raytorch.engine.io import is_uri, join
 
     name = path.rstrip("/").rsplit("/", 1)[-1]
+    sweep, problem = _read_json(join(path, "sweep.json"))
+    if sweep is not None or problem is not None:
+        return _sweep_row(path, name, sweep, problem)
     result, problem = _read_json(join(path, "result.json"))
     if result is not None or problem is not None:
         return _train_row(path, name, result, problem)
@@ -88,6 +92,8 @@ def read_run(path: str) -> RunInfo | None:
     if summary is not None or problem is not None:
         return _predict_row(path, name, summary, problem)
     started = "" if is_uri(path) else _mtime(join(path, "job.yaml"))
+    if not is_uri(path) and Path(path, "search.json").exists():
+        return RunInfo(path, name, "sweep", "no sweep.json (running, or killed)", started=started)
     markers = ("job.yaml", "checkpoints")
     if not is_uri(path) and any(Path(path, m).exists() for m in markers):
         return RunInfo(path, name, "?", "no result (running, or killed)", started=started)
@@ -118,6 +124,32 @@ def _train_row(path: str, name: str, result: dict[str, Any] | None, problem: str
         stop_reason=reason,
         restarts=len(restarts) if isinstance(restarts, list) else None,
         summary=result,
+    )
+
+
+def _sweep_row(path: str, name: str, sweep: dict[str, Any] | None, problem: str | None) -> RunInfo:
+    if sweep is None:
+        return RunInfo(path, name, "sweep", f"sweep.json {problem}")
+    trials = [t for t in sweep.get("trials") or [] if isinstance(t, Mapping)]
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[_text(t.get("status"))] = counts.get(_text(t.get("status")), 0) + 1
+    best = sweep.get("best") if isinstance(sweep.get("best"), Mapping) else None
+    value = _number(best.get("best_value")) if best else None
+    started, ended = _text(sweep.get("started_at")), _text(sweep.get("ended_at"))
+    duration = None
+    with contextlib.suppress(ValueError):
+        duration = (datetime.fromisoformat(ended) - datetime.fromisoformat(started)).total_seconds()
+    return RunInfo(
+        path,
+        _text(sweep.get("name")) or name,
+        "sweep",
+        _text(sweep.get("status")) or "sweep.json damaged (no status)",
+        started=started,
+        duration_s=duration,
+        best="" if value is None else f"{_text(sweep.get('metric')) or 'best'}={value:.4g}",
+        stop_reason=", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
+        summary=sweep,
     )
 
 
@@ -329,6 +361,43 @@ def _differences_from_defaults(run_dir: str) -> list[str]:
     ]
 
 
+def _sweep_lines(run_dir: str, sweep: Mapping[str, Any]) -> list[str]:
+    """A sweep's trials, best first, and its files."""
+    from raytorch.engine.io import join
+
+    metric, mode = _text(sweep.get("metric")), _text(sweep.get("mode"))
+    trials = [t for t in sweep.get("trials") or [] if isinstance(t, Mapping)]
+    lines = [f"compared on: {metric} ({mode}); trials: {len(trials)}"]
+    best = sweep.get("best")
+    if isinstance(best, Mapping):
+        lines.append(f"best: {best.get('trial')} {metric}={best.get('best_value')}")
+
+    def key(t: Mapping[str, Any]) -> tuple[int, float]:
+        value = _number(t.get("best_value"))
+        if value is None or value != value:
+            return (1, 0.0)
+        return (0, -value if mode == "max" else value)
+
+    lines.append("trials, best first:")
+    for t in sorted(trials, key=key):
+        found = t.get("config")
+        config: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+        values = " ".join(f"{k}={v!r}" for k, v in config.items())
+        value = _number(t.get("best_value"))
+        shown = "-" if value is None else f"{value:.4g}"
+        lines.append(
+            f"  {_text(t.get('trial'))}  {_text(t.get('status')):<11} {shown:>8}  "
+            f"{_text(t.get('stop_reason'))}  {values}"
+        )
+    for label, rel in (
+        ("curves", "curves.png"),
+        ("trials", "trials.csv"),
+        ("job as run", "job.yaml"),
+    ):
+        lines.append(f"{label}: {join(run_dir, rel)}")
+    return lines
+
+
 def show_lines(run_dir: str) -> list[str]:
     """The summary of one run, as ``raytorch show`` prints it."""
     from pyarrow import fs
@@ -348,6 +417,8 @@ def show_lines(run_dir: str) -> list[str]:
         + (f", took {_duration(row.duration_s)}" if row.duration_s else ""),
     ]
     s = row.summary
+    if row.kind == "sweep" and s:
+        return [*lines, *_sweep_lines(run_dir, s)]
     if row.kind == "train" and s:
         message = _text(s.get("stop_message")) or _text(s.get("error"))
         if row.stop_reason:

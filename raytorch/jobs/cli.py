@@ -23,6 +23,7 @@ _EPILOG = """\
 examples:
   raytorch train jobs/train_digits.yaml
   raytorch train jobs/train_digits.yaml trainer.max_iterations=100 data.rows=500
+  raytorch tune jobs/tune_digits.yaml           # a sweep on Ray Tune
   raytorch predict jobs/predict_parquet.yaml data.rows=100000
   raytorch check jobs/train_digits.yaml --address auto
   raytorch submit jobs/train_digits.yaml --address http://127.0.0.1:8265
@@ -58,6 +59,17 @@ _SUBCOMMANDS = {
         "learning_curve.png, checkpoints/best and last, result.json) and prints a summary.",
         "  raytorch train jobs/train_digits.yaml\n"
         "  raytorch train jobs/train_digits.yaml trainer.max_iterations=100 data.train.rows=500\n",
+    ),
+    "tune": (
+        "search a training job's fields with Ray Tune (a sweep)",
+        "Run the sweep a train job's search: section describes: every trial a training run of "
+        "the job with the searched values, compared on the trainer's listen metric and pruned by "
+        "the tune: scheduler (ASHA by default). Writes a sweep directory (sweep.json, trials.csv, "
+        "curves.png, a run directory per trial) and exits 0 only when every trial completed or "
+        "was pruned. The same tune.name again returns a finished sweep or resumes an "
+        "interrupted one.",
+        "  raytorch tune jobs/tune_digits.yaml\n"
+        "  raytorch tune jobs/tune_digits.yaml tune.num_samples=8 tune.scheduler=fifo\n",
     ),
     "predict": (
         "run batch inference described by a job file",
@@ -308,6 +320,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from raytorch.jobs.files import load_job
+    from raytorch.jobs.run import run_tune
+
+    job = load_job(args.job, args.overrides, kind="train")
+    result = run_tune(job, address=args.address, echo=_echo)  # type: ignore[arg-type]
+    if result.status == "interrupted":
+        print(
+            f"raytorch tune: the sweep was interrupted; run it again with tune.name="
+            f"{result.name} to resume it",
+            file=sys.stderr,
+        )
+        return 130
+    if result.status != "completed":
+        bad = [t for t in result.trials if t.status.value not in ("completed", "pruned")]
+        print(
+            f"raytorch tune: {len(bad)} of {len(result.trials)} trial(s) did not complete: "
+            + ", ".join(f"{t.trial} ({t.status.value})" for t in bad),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from raytorch.jobs.files import load_job
     from raytorch.jobs.run import run_predict
@@ -388,6 +424,7 @@ def _show(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "train": _train,
+    "tune": _tune,
     "predict": _predict,
     "check": _check,
     "submit": _submit,

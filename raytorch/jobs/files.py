@@ -39,6 +39,7 @@ from raytorch.core.errors import ConfigError, DataError, ImportReferenceError, J
 from raytorch.core.hints import with_hints
 from raytorch.core.predict_config import PredictConfig
 from raytorch.core.references import import_checked
+from raytorch.core.sweep import SweepOptions, parse_space
 from raytorch.jobs.yaml_loader import MAX_BYTES, load_yaml
 
 Echo = Callable[[str], None]
@@ -210,12 +211,38 @@ class _Job(_Strict):
 
 
 class TrainJob(_Job):
-    """A training job: build (or load) a model, fit it with the trainer, keep the run directory."""
+    """A training job: build (or load) a model, fit it with the trainer, keep the run directory.
+
+    With a ``search:`` section it is a sweep (``raytorch tune``): each trial trains the job with
+    the searched values; ``tune:`` holds the search's options.
+    """
 
     kind: Literal["train"] = "train"
     data: TrainData
     # The same model the Python API validates; its storage_path/run_name place the run directory.
     trainer: TorchTrainer
+    search: dict[str, Any] | None = None
+    tune: SweepOptions | None = None
+
+    @field_validator("search")
+    @classmethod
+    def _space(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            parse_space(value)  # every domain checked; the paths against the job below
+        return value
+
+    @model_validator(mode="after")
+    def _sweep_parts(self) -> TrainJob:
+        if self.tune is not None and self.search is None:
+            raise ConfigError("tune: options of a sweep need a search: section (what to search)")
+        return self
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.search is not None
+
+    def sweep_options(self) -> SweepOptions:
+        return self.tune or SweepOptions.model_validate({})
 
     @model_validator(mode="before")
     @classmethod
@@ -389,7 +416,43 @@ def job_from_dict(
             raise JobFileError(source, problems) from None
     job._base_dir = Path(base_dir).resolve()
     job._raw = config
+    if isinstance(job, TrainJob) and job.search is not None:
+        problems = search_problems(config, base_dir)
+        if problems:
+            raise JobFileError(source, problems)
     return job
+
+
+def trial_config(config: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A sweep job's config for one trial: the searched values set, the sweep's sections gone
+    (a plain train job)."""
+    plain = {k: v for k, v in config.items() if k not in ("search", "tune")}
+    return apply_overrides(plain, list(values.items()))
+
+
+def search_problems(config: Mapping[str, Any], base_dir: str | os.PathLike[str]) -> list[str]:
+    """Every searched path tried on the job with a value of its domain: a path the job does not
+    have (``trainer.optimizer_kwargs.lrr``), or a value it refuses, named by its path."""
+    from raytorch.core.sweep import parse_space
+
+    problems = []
+    for path, domain in parse_space(config.get("search")).items():
+        if path.split(".", 1)[0] == "data":
+            problems.append(
+                f"search.{path}: a sweep reads its data once for every trial; search model.* "
+                "and trainer.* fields"
+            )
+            continue
+        try:
+            job_from_dict(
+                trial_config(config, {path: domain.example()}),
+                source="search",
+                base_dir=base_dir,
+                kind="train",
+            )
+        except JobFileError as exc:
+            problems += [f"search.{path}: {line}" for line in exc.problems]
+    return problems
 
 
 def _problems(

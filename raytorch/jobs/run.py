@@ -55,8 +55,11 @@ def worker_runtime_env(job: Job) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def build_model(spec: ModelSpec, default_identifier: str) -> Any:
+def build_model(spec: ModelSpec, default_identifier: str, target: Any = None) -> Any:
     """The TorchModel a ModelSpec describes (loaded from ``path`` or built from ``class``).
+
+    Args:
+        target: what ``class`` names, imported already (a sweep's trial gets it by value).
 
     Raises:
         TypeError: ``class`` returned something that is neither a TorchModel nor a torch module.
@@ -68,7 +71,8 @@ def build_model(spec: ModelSpec, default_identifier: str) -> Any:
     if spec.path is not None:
         return TorchModel.load(spec.path, map_location="cpu")
     assert spec.class_ is not None
-    target = import_checked(spec.class_, "model.class")
+    if target is None:
+        target = import_checked(spec.class_, "model.class")
     if spec.seed is not None:
         torch.manual_seed(spec.seed)
     identifier = spec.identifier or default_identifier
@@ -144,20 +148,32 @@ def run_train(job: TrainJob, *, address: str | None = None, echo: Echo = print) 
     The run directory (``trainer.storage_path/<run name>``) gets ``job.yaml`` when the trainer
     creates it (never again: a resumed run keeps the job it was started with).
     """
+    if job.is_sweep:
+        raise UsageError(
+            "this job has a search: section (a sweep); run it with `raytorch tune`, or drop "
+            "search: to train once"
+        )
     with _job_session(job, address, echo):
         return _run_train(job, echo)
 
 
-def _run_train(job: TrainJob, echo: Echo) -> Any:
-    from raytorch.engine.io import join, lasting_path
+def _lasting(trainer: Any, echo: Echo, what: str) -> Any:
+    """The trainer with its storage path outside a Ray job's temporary working copy."""
+    from raytorch.engine.io import lasting_path
 
-    trainer = job.trainer
+    lasting = lasting_path(trainer.storage_path)
+    if lasting == trainer.storage_path:
+        return trainer
+    echo(f"a Ray job's working directory is temporary: {what} go to {lasting}")
+    return trainer.model_copy(update={"storage_path": lasting})
+
+
+def _run_train(job: TrainJob, echo: Echo) -> Any:
+    from raytorch.engine.io import join
+
+    trainer = _lasting(job.trainer, echo, "runs")
     if trainer.run_name is None:
         trainer = trainer.model_copy(update={"run_name": new_run_name(trainer.identifier)})
-    lasting = lasting_path(trainer.storage_path)
-    if lasting != trainer.storage_path:  # in a Ray job's temporary working copy
-        trainer = trainer.model_copy(update={"storage_path": lasting})
-        echo(f"a Ray job's working directory is temporary: runs go to {lasting}")
     run_dir = join(trainer.storage_path, str(trainer.run_name))
     model = build_model(job.model, job.name)
     train = job.data.train.load("data.train")
@@ -184,6 +200,125 @@ def train_summary(result: Any) -> str:
         if key.startswith("valid/") and values:
             lines.append(f"final {key}: {values[-1]:.4f}")
     lines.append(f"run directory: {result.run_dir}")
+    return "\n".join(lines)
+
+
+class JobTrials:
+    """A sweep job's trials (``raytorch.cluster.sweep.TrialSource``): each trial's model built
+    from the job's model section with the searched ``model.*`` values, its job file the sweep
+    job with those values (a plain train job that runs again as is)."""
+
+    def __init__(self, job: TrainJob) -> None:
+        self.raw = {k: v for k, v in job._raw.items() if k not in ("search", "tune")}
+        self.name = job.name
+        self.spec = job.model
+        # Imported here: a class of the job's modules travels by value to the trials.
+        self.target = import_checked(job.model.class_, "model.class") if job.model.class_ else None
+        self.base = build_model(job.model, job.name) if job.model.path else None
+        self.python_path = list(job.python_path)
+        self.base_dir = str(job._base_dir)
+        try:  # a submitted job's trial runs in its node's copy of the working directory
+            self.relative_dir: str | None = str(job._base_dir.relative_to(Path.cwd()))
+        except ValueError:
+            self.relative_dir = None
+
+    def _here(self) -> Path:
+        if self.relative_dir is not None and (Path.cwd() / self.relative_dir).is_dir():
+            return Path.cwd() / self.relative_dir
+        return Path(self.base_dir)
+
+    def model(self, overrides: Mapping[str, Any], seed: int | None) -> Any:
+        if self.base is not None:  # a saved model: only its TorchModel fields are searched
+            from raytorch.cluster import rebuilt_model
+
+            return rebuilt_model(self.base, overrides, seed) if overrides else self.base
+        spec = self.spec.model_copy(deep=True)
+        for path, value in overrides.items():
+            head, _, rest = path.partition(".")
+            if head == "kwargs":
+                spec.kwargs[rest] = value
+            elif head == "args":
+                spec.args[int(rest)] = value
+            else:
+                setattr(spec, head, value)
+        return build_model(spec, self.name, self.target)
+
+    def context(self) -> Any:
+        return python_path(self._here(), self.python_path)
+
+    def job_file(self, config: Mapping[str, Any], run_dir: str) -> str:
+        from raytorch.jobs.files import apply_overrides
+
+        trial = apply_overrides(self.raw, list(config.items()))
+        trial["python_path"] = [str((self._here() / e).resolve()) for e in self.python_path]
+        header = (
+            f"# raytorch train {run_dir}/job.yaml\n# a trial of the sweep job {self.name}: the "
+            "job with the trial's values\n"
+        )
+        return header + yaml.safe_dump(trial, sort_keys=False)
+
+
+def run_tune(job: TrainJob, *, address: str | None = None, echo: Echo = print) -> Any:
+    """Run a sweep job: every trial a training run of the job with the searched values.
+
+    Returns:
+        The SweepResult (also ``<storage_path>/<sweep name>/sweep.json``).
+    """
+    if not job.is_sweep:
+        raise UsageError(
+            "this job has no search: section; run it with `raytorch train`, or add "
+            "search: {trainer.optimizer_kwargs.lr: {loguniform: [1.0e-4, 1.0e-1]}}"
+        )
+    with _job_session(job, address, echo):
+        return _run_tune(job, echo)
+
+
+def _run_tune(job: TrainJob, echo: Echo) -> Any:
+    from raytorch.cluster import tune
+    from raytorch.engine.io import join
+
+    trainer = _lasting(job.trainer, echo, "sweeps")
+    options = job.sweep_options()
+    if options.name is None:
+        options = options.model_copy(update={"name": new_run_name(f"{job.name}-sweep")})
+    source = JobTrials(job)
+    model = source.base if source.base is not None else build_model(job.model, job.name)
+    train = job.data.train.load("data.train")
+    valid = job.data.valid.load("data.valid") if job.data.valid is not None else None
+    sweep_dir = join(trainer.storage_path, str(options.name))
+    echo(f"sweep {job.name}: directory {sweep_dir}")
+    result = tune(
+        model,
+        trainer,
+        train,
+        valid,
+        search_space=job.search or {},
+        source=source,
+        job_file=resolved_job(job, join(sweep_dir, "job.yaml")),
+        **options.model_dump(),
+    )
+    echo(sweep_summary(result))
+    return result
+
+
+def sweep_summary(result: Any) -> str:
+    """A few lines for the end of a sweep: its status, the best trial, the trials by value."""
+    counts: dict[str, int] = {}
+    for trial in result.trials:
+        counts[trial.status.value] = counts.get(trial.status.value, 0) + 1
+    shown = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    lines = [
+        f"status: {result.status}"
+        + (" (an earlier sweep's result, reused)" if result.reused else ""),
+        f"trials: {len(result.trials)} ({shown})",
+    ]
+    if result.best is not None:
+        values = ", ".join(f"{k}={v!r}" for k, v in result.best.config.items())
+        lines += [
+            f"best: {result.best.trial}, {result.metric}={result.best.best_value:.4g} ({values})",
+            f"best run directory: {result.best.run_dir}",
+        ]
+    lines.append(f"sweep directory: {result.sweep_dir}")
     return "\n".join(lines)
 
 
@@ -374,6 +509,17 @@ def describe(job: Job) -> list[str]:
             f"  trainer: {compute.num_workers} worker(s), {', '.join(bounds)}, "
             f"listen={trainer.listen}, storage_path={trainer.storage_path}"
         )
+        if job.is_sweep:
+            from raytorch.core.sweep import grid_size, parse_space
+
+            space = parse_space(job.search)
+            opts = job.sweep_options()
+            trials = opts.num_samples * grid_size(space)
+            shown = ", ".join(f"{p}={d.describe()}" for p, d in space.items())
+            lines.append(
+                f"  sweep: {trials} trial(s) of {shown}; scheduler={opts.scheduler}, "
+                f"search_alg={opts.search_alg} (run it with `raytorch tune`)"
+            )
     else:
         sources = {"data": job.data}
         lines.append(f"  output: {job.output.predictions or job.output.dir + '/<run>/predictions'}")

@@ -104,14 +104,21 @@ def name_submission(job: Any, job_file: str) -> Naming:
     directory share it; a prediction job is named after the job."""
     from raytorch.engine.tracking import new_run_name
 
-    metadata = {"raytorch.kind": job.kind, "raytorch.job_file": job_file}
+    metadata = {"raytorch.kind": command_of(job), "raytorch.job_file": job_file}
     if job.kind != "train":
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         metadata["raytorch.name"] = job.name
         return Naming(f"raytorch-{job.name}-{stamp}", [], metadata)
     trainer = job.trainer
-    chosen = trainer.run_name is not None
-    run_name = trainer.run_name or new_run_name(trainer.identifier)
+    if job.is_sweep:  # the sweep's name, decided here: its directory holds the trials' runs
+        chosen_name = job.sweep_options().name
+        chosen = chosen_name is not None
+        run_name = chosen_name or new_run_name(f"{job.name}-sweep")
+        override = f"tune.name={run_name}"
+    else:
+        chosen = trainer.run_name is not None
+        run_name = trainer.run_name or new_run_name(trainer.identifier)
+        override = f"trainer.run_name={run_name}"
     storage = str(trainer.storage_path)
     if "://" not in storage and not Path(storage).expanduser().is_absolute():
         # The job runs in a temporary copy of the working directory; a relative path is put
@@ -121,8 +128,14 @@ def name_submission(job: Any, job_file: str) -> Naming:
     metadata.update({"raytorch.run_name": run_name, "raytorch.storage_path": storage})
     # A run name the job chose may be submitted again (to resume): its Ray job ids must differ.
     suffix = f"-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}" if chosen else ""
-    overrides = [] if chosen else [f"trainer.run_name={run_name}"]
+    overrides = [] if chosen else [override]
     return Naming(f"{run_name}{suffix}", overrides, metadata, run_name, run_dir)
+
+
+def command_of(job: Any) -> str:
+    """The ``raytorch`` command that runs ``job``: train, tune (a train job with a search:
+    section) or predict."""
+    return "tune" if getattr(job, "is_sweep", False) else str(job.kind)
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -239,7 +252,7 @@ def _submit(args: argparse.Namespace) -> int:
     count, size = check_upload(working_dir, runtime_env["excludes"], args.max_upload_mib)
     relative = job_path.relative_to(working_dir.resolve()).as_posix()
     naming = name_submission(job, relative)
-    command = entrypoint(job.kind, relative, [*args.overrides, *naming.overrides])
+    command = entrypoint(command_of(job), relative, [*args.overrides, *naming.overrides])
     submission_id = args.submission_id or naming.submission_id
     from ray.job_submission import JobSubmissionClient
 
@@ -256,7 +269,8 @@ def _submit(args: argparse.Namespace) -> int:
     )
     _echo(f"submitted {job_id}: {command}")
     if naming.run_dir:
-        _echo(f"run {naming.run_name}: its run directory on the cluster is {naming.run_dir}")
+        what = "sweep directory" if command_of(job) == "tune" else "run directory"
+        _echo(f"run {naming.run_name}: its {what} on the cluster is {naming.run_dir}")
     if args.no_wait:
         _echo(f"follow it with: ray job logs --address {address} --follow {job_id}")
         return 0

@@ -27,8 +27,10 @@ def test_there_are_examples() -> None:
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
 def test_job_file_opens_with_its_command_and_validates(path: Path) -> None:
+    from raytorch.jobs.submit import command_of
+
     job = load_job(path)
-    assert path.read_text().splitlines()[0] == f"# raytorch {job.kind} jobs/{path.name}"
+    assert path.read_text().splitlines()[0] == f"# raytorch {command_of(job)} jobs/{path.name}"
     # As shipped, each job fits a 2-CPU machine (the README's main command runs it there).
     problems, _ = check_resources(job, [{"CPU": 2.0, "memory": 4e9}])
     assert problems == []

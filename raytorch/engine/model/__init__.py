@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         torchmodel,
     )
     from raytorch.engine.model.factory import (
+        BUILD_MODULE,
         Factory,
         construct,
     )
@@ -59,6 +60,7 @@ __all__, __getattr__, __dir__ = face(
             "torchmodel",
         ],
         "factory": [
+            "BUILD_MODULE",
             "Factory",
             "construct",
         ],

@@ -33,8 +33,10 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         TensorBoardLogger,
         WandbLogger,
         build_logger,
+        finish_sweep_parent,
         missing_extras,
         open_loggers,
+        sweep_parent_run,
     )
     from raytorch.engine.tracking.monitor import (
         TrainMonitor,
@@ -54,6 +56,18 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         TrainingResult,
         status_of,
         steady_timings,
+    )
+    from raytorch.engine.tracking.sweep import (
+        SEARCH_FILE,
+        SWEEP_FILE,
+        TUNE_DIR,
+        SweepResult,
+        TrialRecord,
+        check_same_search,
+        read_sweep,
+        sweep_result,
+        trial_record,
+        write_sweep,
     )
 
 # What the layers above may use, by module (imported on first use).
@@ -85,8 +99,10 @@ __all__, __getattr__, __dir__ = face(
             "TensorBoardLogger",
             "WandbLogger",
             "build_logger",
+            "finish_sweep_parent",
             "missing_extras",
             "open_loggers",
+            "sweep_parent_run",
         ],
         "monitor": [
             "TrainMonitor",
@@ -99,6 +115,18 @@ __all__, __getattr__, __dir__ = face(
             "claim_run",
             "job_identity",
             "recorded_identity",
+        ],
+        "sweep": [
+            "SEARCH_FILE",
+            "SWEEP_FILE",
+            "TUNE_DIR",
+            "SweepResult",
+            "TrialRecord",
+            "check_same_search",
+            "read_sweep",
+            "sweep_result",
+            "trial_record",
+            "write_sweep",
         ],
         "result": [
             "FINISHED",

@@ -16,7 +16,7 @@ from typing import Any
 
 from raytorch.core.config import build_extension
 from raytorch.core.errors import RunError
-from raytorch.core.extensions import DRIVER_FAILED, Callback, RunHandle
+from raytorch.core.extensions import DRIVER_FAILED, DRIVER_INTERRUPTED, Callback, RunHandle
 from raytorch.core.stopping import StopReason
 
 logger = logging.getLogger("raytorch")
@@ -62,6 +62,11 @@ class CallbackHub:
     def __bool__(self) -> bool:
         return bool(self.callbacks)
 
+    @property
+    def interrupted(self) -> str | None:
+        """Why a callback interrupted the run (``run.interrupt``), or None."""
+        return self.run.interrupted
+
     def _each(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             if self.failure is not None:
@@ -85,6 +90,8 @@ class CallbackHub:
         self._each("on_validation", iteration, dict(metrics))
         if self.failure is not None:  # every worker stops, and the run fails
             return StopAnswer(DRIVER_FAILED, str(self.failure))
+        if self.run.interrupted is not None:  # every worker stops, to resume later
+            return StopAnswer(DRIVER_INTERRUPTED, self.run.interrupted)
         if self.run.stop_reason is None:
             return StopAnswer()
         return StopAnswer(self.run.stop_reason, self.run.stop_message or "")

@@ -415,6 +415,50 @@ class MlflowLogger(RunLogger):
         return out
 
 
+def sweep_parent_run(
+    name: str, sweep_dir: str, identifier: str, search: Mapping[str, str]
+) -> tuple[str, str, str]:
+    """A parent MLflow run for a sweep (its trials' runs are its children): ``(run id,
+    experiment name, tracking URI)``."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    uri = mlflow_tracking_uri()
+    with _mlflow_calls(), _file_store_allowed(uri):
+        problem = probe_tracking_server(uri)
+        if problem:
+            raise StorageError(problem)
+        client = MlflowClient(tracking_uri=uri)
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or identifier
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        run = client.create_run(
+            experiment_id,
+            run_name=name,
+            tags={"raytorch.sweep_dir": sweep_dir, "raytorch.kind": "sweep"},
+        )
+        params = [Param(f"search.{k}", str(v)[:6000]) for k, v in sorted(search.items())]
+        if params:
+            client.log_batch(run.info.run_id, params=params[:100])
+    return run.info.run_id, experiment, uri
+
+
+def finish_sweep_parent(run_id: str, uri: str, result: Any) -> None:
+    """The sweep's status, best trial and ``sweep.json`` on its parent run, which then ends."""
+    from mlflow import MlflowClient
+
+    with _mlflow_calls(), _file_store_allowed(uri):
+        client = MlflowClient(tracking_uri=uri)
+        client.set_tag(run_id, "raytorch.status", result.status)
+        if result.best is not None:
+            client.set_tag(run_id, "raytorch.best_trial", result.best.trial)
+            if result.best.best_value is not None:
+                client.log_metric(run_id, f"best/{result.metric}", float(result.best.best_value))
+        client.log_dict(run_id, result.summary(), "sweep.json")
+        status = {"completed": "FINISHED", "interrupted": "KILLED"}.get(result.status, "FAILED")
+        client.set_terminated(run_id, status)
+
+
 # -- W&B
 
 

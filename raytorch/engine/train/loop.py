@@ -45,7 +45,7 @@ from raytorch.core.errors import (
     UserError,
     same_kind,
 )
-from raytorch.core.extensions import DRIVER_FAILED, DRIVER_STOPS
+from raytorch.core.extensions import DRIVER_FAILED, DRIVER_INTERRUPTED, DRIVER_STOPS
 from raytorch.core.metrics import MetricAccumulator
 from raytorch.core.pytree import count_rows, tensors_to_cpu, to_device
 from raytorch.core.resolve import objective_problem, resolve_callable, resolve_optimizer
@@ -62,7 +62,7 @@ from raytorch.engine.train.steps import ScalarLogs, agree_on_keys, custom_step, 
 logger = logging.getLogger("raytorch")
 
 # The driver's answers at a validation; their index + 1 crosses ranks in one all-reduce.
-_DRIVER_ANSWERS = (*DRIVER_STOPS, DRIVER_FAILED)
+_DRIVER_ANSWERS = (*DRIVER_STOPS, DRIVER_FAILED, DRIVER_INTERRUPTED)
 
 
 class Loop:
@@ -399,8 +399,9 @@ class Loop:
         every rank), so every worker leaves the loop at the same validation.
 
         Raises:
-            RunError: a callback failed on the driver: every rank stops here, before this
-                validation's checkpoint (a re-run resumes from the one before).
+            RunError: a callback failed on the driver, or interrupted the run: every rank
+                stops here, before this validation's checkpoint (a re-run resumes from the one
+                before).
         """
         code, message = 0.0, "the driver's callbacks asked to stop"
         if ask is not None:
@@ -414,10 +415,11 @@ class Loop:
         if code == 0:
             return decision
         answer = _DRIVER_ANSWERS[int(code) - 1]
-        if answer == DRIVER_FAILED:
+        if answer in (DRIVER_FAILED, DRIVER_INTERRUPTED):
+            why = "a callback failed" if answer == DRIVER_FAILED else "the run was interrupted"
             raise RunError(
                 f"stopped at iteration {self.state.iteration}: "
-                f"{message if ask is not None else 'a callback failed on the driver'}"
+                f"{message if ask is not None else why + ' on the driver'}"
             )
         return Decision(
             stop=True, reason=StopReason(answer), improved=decision.improved, message=message
