@@ -11,7 +11,8 @@ in the same invocation, on the same files, with the same MLP 32-256-10 and batch
 (b) raytorch.predict end to end (Ray already started), split into start-up (call to first
     committed part) and steady state (rows/s after the first part);
 (c) hand-written Ray Data: ``read_parquet -> map_batches(actor pool) -> write_parquet``;
-(d) the driver's peak RSS running predict on N and 4N rows (each in a fresh subprocess).
+(d) the driver's peak RSS running predict with an id column on N and 4N rows (each in a fresh
+    subprocess): the ids are checked where the rows are read, the driver reads footers only.
 
 Prints a table of ratios with the targets. Never part of the test suite.
 """
@@ -55,13 +56,15 @@ def generate(folder: Path, rows: int) -> list[Path]:
     for f in range(FILES):
         n = max(0, min(per_file, rows - f * per_file))
         path = folder / f"part-{f:03d}.parquet"
-        schema = pa.schema([("x", pa.list_(pa.float32(), DIM))])
+        schema = pa.schema([("x", pa.list_(pa.float32(), DIM)), ("id", pa.int64())])
         with pq.ParquetWriter(path, schema) as writer:
             for start in range(0, n, ROW_GROUP):
                 m = min(ROW_GROUP, n - start)
                 x = rng.standard_normal((m, DIM), dtype=np.float32)
                 col = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIM)
-                writer.write_table(pa.table({"x": col}))
+                first = f * per_file + start  # a row id, as the job file's id column
+                ids = pa.array(np.arange(first, first + m, dtype=np.int64))
+                writer.write_table(pa.table({"x": col, "id": ids}))
         paths.append(path)
     return paths
 
@@ -173,7 +176,8 @@ def _child(folder: str, out: str, batch_size: int) -> None:
     from raytorch.engine.model import TorchModel
 
     model = TorchModel("bench-mlp", object=make_model(), preferred_devices=("cpu",))
-    raytorch.predict(model, folder, out, key="x", batch_size=batch_size)
+    # id_column: checked where the rows are read; the driver reads the footers only.
+    raytorch.predict(model, folder, out, key="x", id_column="id", batch_size=batch_size)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     print(json.dumps({"peak_rss": peak}))
 

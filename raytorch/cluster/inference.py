@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -30,7 +31,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from raytorch.cluster.compat import CONSTRUCTOR_ARGS_NOTICE, drop_stderr_lines, quiet_ray_data
 from raytorch.cluster.session import cluster_nodes, ensure_ray, ray_env
@@ -66,6 +66,7 @@ from raytorch.engine.infer import (
     UnitRunner,
     build_summary,
     check_columns,
+    check_id_values,
     progress_line,
     reconcile,
     unit_batches,
@@ -74,9 +75,9 @@ from raytorch.engine.io import (
     Claim,
     check_stores,
     deferred_interrupts,
+    id_ranges,
     open_source,
     overlaps,
-    read_column,
 )
 from raytorch.engine.model import model_fingerprint
 
@@ -187,6 +188,8 @@ class _Plan:
     job: dict[str, Any]
     config: PredictConfig
     flatten: bool
+    # The units' id ranges may overlap: one pass over the ids checks for repeats across units.
+    cross_ids: bool = False
 
     def runner_options(self) -> dict[str, Any]:
         """The keyword arguments of every actor's :class:`UnitRunner`."""
@@ -245,6 +248,11 @@ def _validate(plan: _Plan) -> None:
             "a ray.data.Dataset has no stable row order to number rows by; name an id column "
             "with id_column=..., or pass the parquet path or a pyarrow.Table"
         )
+    if dataset and config.concurrency == 0:
+        raise ConfigError(
+            "concurrency=0 runs every unit in this process, but a ray.data.Dataset is read by "
+            "Ray; pass the parquet path or a pyarrow.Table, or set concurrency >= 1"
+        )
     schema = source.schema if not dataset else source.dataset.schema().base_schema
     check_columns(schema, config.key, config.id_column, config.carry_columns)
     for field, place in (("output", plan.layout.uri), ("errors_output", plan.layout.errors_uri)):
@@ -255,8 +263,10 @@ def _validate(plan: _Plan) -> None:
                     "other): a later run over the input would read its own predictions; write "
                     "the output outside the input folder"
                 )
-    if config.id_column and not dataset:
+    if config.id_column and source.kind is SourceKind.TABLE:
         _check_ids(source, config.id_column)
+    elif config.id_column and plan.units is not None:  # files: footers only on the driver
+        plan.cross_ids = _ids_need_a_pass(source, config.id_column, plan.units)
     if dataset and plan.layout.has_job():
         raise JobMismatchError(
             f"output={plan.layout.uri!r} already holds a job, and a ray.data.Dataset input cannot "
@@ -266,31 +276,72 @@ def _validate(plan: _Plan) -> None:
 
 
 def _check_ids(source: Source, id_column: str) -> None:
-    """A named id column must hold one distinct, non-null value per row (they identify rows)."""
-    if source.kind is SourceKind.TABLE:
-        ids = source.table.column(id_column)
-    else:
-        ids = read_column(source, id_column)
-    if ids.null_count:
+    """A named id column must hold one distinct, non-null value per row (they identify rows):
+    checked here for a table (its rows are in memory already)."""
+    check_id_values(source.table.column(id_column), id_column)
+
+
+def _ids_need_a_pass(source: Source, id_column: str, units: list[Unit]) -> bool:
+    """What the files' footers say of the ids, without reading a row: nulls in any row group
+    are refused now; whether the units' id ranges can overlap (so a value could repeat across
+    units) is returned. Each unit checks its own ids (nulls, NaN, repeats) as it reads them.
+
+    Raises:
+        RowError: the statistics count null ids.
+    """
+    ranges = id_ranges(source, id_column)
+    nulls = sum(r[2] for r in ranges.values())
+    if nulls:
         raise RowError(
-            f"id_column={id_column!r} has {ids.null_count} null value(s); every row needs an id "
-            "(fill them, or leave id_column unset to number rows by position)"
+            f"id_column={id_column!r} has {nulls} null value(s) (the files' statistics count "
+            "them); every row needs an id (fill them, or leave id_column unset to number rows "
+            "by position)"
         )
-    if pa.types.is_floating(ids.type):
-        nans = int(pc.sum(pc.is_nan(ids)).as_py() or 0)
-        if nans:
-            raise RowError(
-                f"id_column={id_column!r} has {nans} NaN value(s); every row needs an id that "
-                "names it (fill them, or leave id_column unset to number rows by position)"
-            )
-    distinct = pc.count_distinct(ids).as_py()
-    if distinct != len(ids):
-        counts = pc.value_counts(ids)
-        dup = next(c["values"] for c in counts.to_pylist() if c["counts"] > 1)
-        raise RowError(
-            f"id_column={id_column!r} has {len(ids) - distinct} duplicated value(s), e.g. {dup!r} "
-            "twice; ids must identify rows (dedupe the input, or leave id_column unset)"
-        )
+    spans = []
+    for unit in units:
+        stats = [ranges.get((unit.path, g)) for g in unit.row_groups]
+        if any(s is None or s[0] is None for s in stats):
+            return True  # no statistics: the values must be looked at
+        spans.append((min(s[0] for s in stats), max(s[1] for s in stats)))  # type: ignore[index]
+    spans.sort()
+    return any(later[0] <= earlier[1] for earlier, later in itertools.pairwise(spans))
+
+
+def _ids_pass(files: list[str], id_column: str) -> None:
+    """Every id of the input, once: no value twice (a Ray task's memory, not the driver's)."""
+    import pyarrow.parquet as pq
+
+    from raytorch.engine.io import resolve
+
+    chunks = []
+    for path in files:
+        filesystem, local = resolve(path)
+        with filesystem.open_input_file(local) as f:
+            chunks.extend(pq.read_table(f, columns=[id_column]).column(0).chunks)
+    check_id_values(pa.chunked_array(chunks), id_column)
+
+
+def _check_ids_across_units(plan: _Plan, local: bool) -> None:
+    """When the units' id ranges overlap, one pass over the id column, in a Ray task (in this
+    process in local mode); a raytorch error raised there is raised here as itself."""
+    if not plan.cross_ids:
+        return
+    files = list(dict.fromkeys(f.path for f in plan.source.files))
+    column = str(plan.config.id_column)
+    logger.info("the id ranges of the input's units overlap: checking %s for repeated ids", column)
+    if local:
+        _ids_pass(files, column)
+        return
+    import ray
+
+    task = ray.remote(_ids_pass).options(num_cpus=1, max_retries=0)
+    try:
+        ray.get(task.remote(files, column))
+    except Exception as exc:
+        found = find_raytorch_error(exc)
+        if found is None:
+            raise
+        raise found from None
 
 
 def _resume_state(plan: _Plan) -> tuple[dict[str, dict[str, Any]], list[Unit] | None] | None:
@@ -412,6 +463,37 @@ def _execute(
         if found is None or found is exc:
             raise
         raise found from exc
+    finally:
+        display.close()
+    return startup, tracker.rows_done - rows_before
+
+
+def _execute_here(
+    plan: _Plan,
+    records: dict[str, dict[str, Any]],
+    todo: list[Unit],
+    progress: Callable[[PredictProgress], None] | None,
+) -> tuple[float | None, int]:
+    """Local mode (``concurrency=0``): the units run one after the other in this process, the
+    same runner a pool's actor uses; the process's torch thread count is left as it is."""
+    started = time.monotonic()
+    rows_before = sum(r["rows_read"] for r in records.values())
+    tracker = ProgressTracker(plan.source.num_rows, len(plan.units or []), rows_before)
+    display = PredictDisplay(plan.source.num_rows, plan.config.progress_interval_s)
+    runner = UnitRunner(plan.model, **plan.runner_options())
+    table = plan.source.table if plan.source.kind is SourceKind.TABLE else None
+    startup: float | None = None
+    logger.info("predicting in this process (local mode) on %s", runner.device)
+    try:
+        for unit in todo:
+            batches = unit_batches(unit, runner.columns, plan.config.batch_size, table)
+            rec = runner.run_unit(unit, batches)
+            records[rec["unit"]] = rec
+            update = tracker.update(rec["rows_read"], len(records), rec.get("rows_rejected", 0))
+            startup = startup if startup is not None else time.monotonic() - started
+            if progress is not None:
+                progress(update)
+            display.update(update, progress_line(update))
     finally:
         display.close()
     return startup, tracker.rows_done - rows_before
@@ -547,11 +629,18 @@ def _run(
     records, todo = state
     skipped = len(records)
     rows_run, phases = 0, {"plan_s": time.monotonic() - started}
-    if todo is None or todo:
+    local = plan.config.concurrency == 0
+    if local and todo:  # local mode: every unit in this process, no Ray
+        _check_ids_across_units(plan, local=True)
+        pool_s, rows_run = _execute_here(plan, records, todo, progress)
+        if pool_s is not None:
+            phases["pool_s"] = pool_s
+    elif todo is None or todo:
         with ray_env(), quiet_ray_data():
             ray_started = time.monotonic()
             ensure_ray()
             phases["ray_s"] = time.monotonic() - ray_started
+            _check_ids_across_units(plan, local=False)
             with drop_stderr_lines(CONSTRUCTOR_ARGS_NOTICE):  # Ray's own, on every pool
                 pool_s, rows_run = _execute(plan, records, todo, progress)
             if pool_s is not None:

@@ -142,7 +142,7 @@ def launch(
     if plan.message:
         logger.warning(plan.message)
     monitor = monitor or TrainMonitor()
-    if plan.num_workers == 1 and _HERE.enabled:
+    if plan.num_workers == 0 or (plan.num_workers == 1 and _HERE.enabled):
         return _run_here(model, cfg, shards[0], seed, join(storage_path, run_name), resume, monitor)
     sink = Channel(_progress_sink(), uuid.uuid4().hex)
     # With callbacks, rank 0 waits at every validation for their answer.
@@ -198,7 +198,14 @@ def _run_here(
 
     channel = LocalChannel(monitor)
     ctx = RayContext(
-        cfg, shard, seed, channel, run_dir=run_dir, resume=resume, decides=bool(monitor.callbacks)
+        cfg,
+        shard,
+        seed,
+        channel,
+        run_dir=run_dir,
+        resume=resume,
+        decides=bool(monitor.callbacks),
+        here=True,
     )
     threads = torch.get_num_threads()
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()

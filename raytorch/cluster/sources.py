@@ -21,7 +21,15 @@ from raytorch.cluster.compat import quiet_dataset
 from raytorch.core.errors import DataError, find_raytorch_error
 from raytorch.core.layout import Layout
 from raytorch.core.source import Source, SourceKind
-from raytorch.engine.io import ArrowCollate, Download, RowMap, check_counts, table_holdout
+from raytorch.engine.io import (
+    ArrowCollate,
+    Download,
+    RowMap,
+    check_counts,
+    mapped_table,
+    read_table,
+    table_holdout,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -74,28 +82,36 @@ def reading(source: Source) -> Iterator[None]:
 
 class TableRows:
     """Rows on the driver, with no per-row map: sliced and put in the object store as they are
-    (seconds faster than a Ray Data pipeline)."""
+    (seconds faster than a Ray Data pipeline). ``here`` (local mode): the worker is this
+    process, so a row map runs here and the parts stay tables (no Ray)."""
 
-    def __init__(self, table: pa.Table, source: Source) -> None:
-        self.table, self.source = table, source
+    def __init__(self, table: pa.Table, source: Source, here: bool = False) -> None:
+        self.table, self.source, self.here = table, source, here
 
     def holdout(self, fraction: float, seed: int | None) -> tuple[TableRows, TableRows]:
         """Hold out ``fraction`` of the rows (a seeded permutation)."""
         train, valid = table_holdout(self.table, fraction, seed)
-        return TableRows(train, self.source), TableRows(valid, self.source)
+        return TableRows(train, self.source, self.here), TableRows(valid, self.source, self.here)
 
     def select(self, columns: list[str], row_map: RowMap | None) -> TableRows:
-        return TableRows(self.table.select(columns), self.source)
+        table = self.table.select(columns)
+        if row_map is not None and self.here:
+            table = mapped_table(table, row_map, self.source.field)
+        return TableRows(table, self.source, self.here)
 
     def count(self) -> int:
         return int(self.table.num_rows)
 
     def parts(self, n: int, count: int) -> list[list[Any]]:
-        """``n`` exact, disjoint, contiguous parts as object refs of Arrow tables."""
+        """``n`` exact, disjoint, contiguous parts as object refs of Arrow tables (the tables
+        themselves for a worker in this process)."""
+        bounds = [count * i // n for i in range(n + 1)]
+        pieces = [self.table.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n)]
+        if self.here:
+            return [[piece] for piece in pieces]
         import ray
 
-        bounds = [count * i // n for i in range(n + 1)]
-        return [[ray.put(self.table.slice(bounds[i], bounds[i + 1] - bounds[i]))] for i in range(n)]
+        return [[ray.put(piece)] for piece in pieces]
 
     def dataset(self) -> ray.data.Dataset:
         import ray.data
@@ -143,9 +159,12 @@ class DatasetRows:
 Rows = TableRows | DatasetRows
 
 
-def rows_of(source: Source, local: bool) -> Rows:
+def rows_of(source: Source, local: bool, here: bool = False) -> Rows:
     """The one decision of how a source's rows travel: a table stays a table when ``local`` (no
-    per-row map, not streamed); everything else goes through Ray Data."""
+    per-row map, not streamed); everything else goes through Ray Data. ``here`` (local mode: the
+    worker is this process): files are read and rows mapped in this process, without Ray."""
+    if here:
+        return TableRows(read_table(source, list(source.columns)), source, here=True)
     if local and source.kind is SourceKind.TABLE:
         return TableRows(source.table, source)
     return DatasetRows(to_dataset(source), source)
@@ -174,6 +193,7 @@ def training_data(
     seed: int | None,
     batch_size: int,
     drop_last: bool,
+    here: bool = False,
 ) -> TrainingData:
     """Every worker's exact, disjoint part of the training and validation rows.
 
@@ -183,9 +203,9 @@ def training_data(
     """
     columns = layout.columns
     local = row_map is None and not streaming
-    train_rows = rows_of(train, local)
+    train_rows = rows_of(train, local, here)
     if valid is not None:
-        valid_rows = rows_of(valid, local)
+        valid_rows = rows_of(valid, local, here)
     elif validate_fraction is not None:
         train_rows, valid_rows = train_rows.holdout(validate_fraction, seed)
     else:

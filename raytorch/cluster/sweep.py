@@ -316,7 +316,7 @@ class _Sweep:
         with self.source.context():
             model = self.source.model(model_over, seed)
             job_file = self.source.job_file(config, join(self.sweep_dir, name))
-            here = worker_here() if trainer.compute_kwargs.num_workers == 1 else _nothing()
+            here = worker_here() if trainer.compute_kwargs.num_workers <= 1 else _nothing()
             with here:
                 return trainer.fit(model, self.train, self.valid, job_file=job_file)
 
@@ -643,6 +643,10 @@ def _trial_resources(trainer: Any) -> dict[str, float]:
 
 def _concurrency(trainer: Any, nodes: list[dict[str, float]], wanted: int | None) -> int:
     """Trials at once: ``wanted``, at most what the cluster holds of the trials' workers."""
+    if trainer.local:  # each trial trains in its actor, as a one-worker trial does
+        trainer = trainer.model_copy(
+            update={"compute_kwargs": trainer.compute_kwargs.model_copy(update={"num_workers": 1})}
+        )
     plan = trainer.worker_plan(nodes)  # ResourceError: a trial can never be placed
     per_worker = plan.resources_per_worker()
     fits = max(1, placeable(per_worker, nodes) // max(1, plan.num_workers))

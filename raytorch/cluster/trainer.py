@@ -197,7 +197,8 @@ class TorchTrainer(TrainerConfig):
         if resume_from is not None:
             logger.info("resuming from checkpoint %s", resume_from)
         with ray_env(), quiet_ray_data():
-            ensure_ray()
+            if not self.local:  # local mode (num_workers=0) trains here: no Ray at all
+                ensure_ray()
             ray_up = time.time()
             run = self._plan(model, sources, run_name)
             # One driver at a time; run.json and job.yaml written once, when the run is created.
@@ -279,8 +280,8 @@ class TorchTrainer(TrainerConfig):
         from raytorch.cluster.worker import ShardSpec
 
         seed = _resolve_seed(self.seed)
-        n = self.compute_kwargs.num_workers
-        plan = self.worker_plan(cluster_nodes())
+        n = max(1, self.compute_kwargs.num_workers)
+        plan = WorkerPlan(0, {}) if self.local else self.worker_plan(cluster_nodes())
         data = training_data(
             sources.train,
             sources.valid,
@@ -293,6 +294,7 @@ class TorchTrainer(TrainerConfig):
             seed=seed,
             batch_size=self.batch_size,
             drop_last=self.loader_kwargs.drop_last,
+            here=self.local,
         )
         layout, as_dict = self.layout(), _train_forward_as_dict(model)
         # One data seed for the whole group, drawn here when the run is unseeded.
@@ -311,14 +313,22 @@ class TorchTrainer(TrainerConfig):
         from raytorch.cluster.launcher import launch
         from raytorch.cluster.session import cluster_lost, when_cluster_lost
 
-        logger.info(
-            "training %s on %d worker(s) (%s), seed %s, run directory %s",
-            self.identifier,
-            run.plan.num_workers,
-            ", ".join(f"{k}={v}" for k, v in run.plan.options.items()),
-            run.seed,
-            run.run_dir,
-        )
+        if self.local:
+            logger.info(
+                "training %s in this process (local mode), seed %s, run directory %s",
+                self.identifier,
+                run.seed,
+                run.run_dir,
+            )
+        else:
+            logger.info(
+                "training %s on %d worker(s) (%s), seed %s, run directory %s",
+                self.identifier,
+                run.plan.num_workers,
+                ", ".join(f"{k}={v}" for k, v in run.plan.options.items()),
+                run.seed,
+                run.run_dir,
+            )
 
         def mark_lost(reason: str) -> None:
             write_failed(

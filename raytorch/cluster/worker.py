@@ -27,6 +27,12 @@ from raytorch.engine.train import Batch, LoopResult, TensorBatches, WorkerContex
 # Worker side
 
 
+def _ray_get(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref)
+
+
 class ProgressSink:
     """A zero-CPU async actor holding progress lines and events until the driver drains them,
     and the driver's answers to validations that wait for its callbacks (``decide``).
@@ -173,8 +179,12 @@ class RayContext(WorkerContext):
         run_dir: str | None = None,
         resume: str | None = None,
         decides: bool = False,
+        here: bool = False,
     ) -> None:
         self.cfg, self.shards, self.seed, self.sink = cfg, shards, seed, sink
+        # The worker is the driver's own process (local mode, a sweep's trial): its process-wide
+        # settings are not changed, and Ray is not needed.
+        self.here = here
         self.decides = decides and sink is not None
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.ray_train = ray_train
@@ -191,7 +201,6 @@ class RayContext(WorkerContext):
 
     def setup(self, device: torch.device) -> None:
         import pyarrow as pa
-        import ray
 
         from raytorch.cluster.sources import arrow_collate
         from raytorch.core.pytree import to_device
@@ -199,16 +208,17 @@ class RayContext(WorkerContext):
 
         # A Ray worker: the change stays in its process. Ray Data is imported only where this
         # worker streams through it (the import costs about 0.6 s of a first fit's start-up).
-        quiet_ray_data_here(import_it=self.shards.streaming)
+        if not self.here:
+            quiet_ray_data_here(import_it=self.shards.streaming)
         self.device = device
         layout, as_dict = self.shards.layout, self.shards.as_dict
         on_device = self.cfg.in_memory == "device"
 
         def load(refs: Any, split: str) -> Batch | None:
             if isinstance(refs, Download):  # download=True: read from this worker's local copy
-                refs = [ray.put(refs.read(self.rank, self.world_size))]
+                refs = [refs.read(self.rank, self.world_size)]
             # Object refs from the driver, or (a worker in the driver's process) the tables.
-            got = [r if isinstance(r, pa.Table) else ray.get(r) for r in refs]
+            got = [r if isinstance(r, pa.Table) else _ray_get(r) for r in refs]
             tables = [t for t in got if t.num_rows]
             if not tables:
                 return None
@@ -264,12 +274,25 @@ class RayContext(WorkerContext):
         dist.all_gather_object(out, obj)
         return out
 
+    def _without_ray(self) -> bool:
+        """A worker in the driver's process where no Ray runs (local mode)."""
+        import sys
+
+        ray = sys.modules.get("ray")
+        return self.here and (ray is None or not ray.is_initialized())
+
     def node(self) -> str:
+        if self._without_ray():
+            import socket
+
+            return socket.gethostname()
         import ray
 
         return str(ray.util.get_node_ip_address())
 
     def node_id(self) -> str:
+        if self._without_ray():
+            return "local"
         import ray
 
         return str(ray.get_runtime_context().get_node_id())

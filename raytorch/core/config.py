@@ -572,6 +572,12 @@ class TrainerConfig(BaseModel):
                 "materialising exclude each other; set data_prefetch=False (in memory, fast) or "
                 "in_memory=False (streamed, for data larger than memory)"
             )
+        if self.local and (self.streaming or self.download):
+            problems.append(
+                "compute_kwargs.num_workers=0 trains in this process from data in memory; "
+                "data_prefetch (streaming through Ray Data) and download (each node's copy) need "
+                "Ray workers: set num_workers >= 1, or data_prefetch=False and download=False"
+            )
         if self.download and self.streaming:
             problems.append(
                 "download=True copies the data to each worker's disk and reads it in memory, so it "
@@ -804,6 +810,11 @@ class TrainerConfig(BaseModel):
     def layout(self) -> Layout:
         """The column layout that ``key`` describes."""
         return Layout.from_key(self.key)
+
+    @property
+    def local(self) -> bool:
+        """True in local mode (``compute_kwargs.num_workers=0``): trained in this process."""
+        return self.compute_kwargs.num_workers == 0
 
     @property
     def streaming(self) -> bool:

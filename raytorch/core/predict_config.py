@@ -71,7 +71,10 @@ class PredictConfig(BaseModel):
     )
     batch_size: int = Field(8192, ge=1, description="rows per forward call")
     concurrency: int | None = Field(
-        None, ge=1, description="actors in the pool; default one per GPU asked for, else CPUs - 1"
+        None,
+        ge=0,
+        description="actors in the pool; default one per GPU asked for, else CPUs - 1; 0 runs "
+        "every unit in this process without Ray (local mode: small inputs, debugging)",
     )
     compute_kwargs: dict[str, Any] | None = Field(
         None,

@@ -288,12 +288,18 @@ class ComputeKwargs(BaseModel):
     """Resources of each training worker (SuperDuperDB's ``compute_kwargs``).
 
     One worker runs as a Ray task with these options; ``num_workers > 1`` runs data-parallel on
-    Ray Train with these resources per worker.
+    Ray Train with these resources per worker; ``num_workers=0`` trains in the calling process
+    (no Ray started, the resources are not requested).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    num_workers: int = Field(1, ge=1, description="training workers; > 1 means DDP on Ray Train")
+    num_workers: int = Field(
+        1,
+        ge=0,
+        description="training workers: 0 trains in this process without Ray (local mode: small "
+        "jobs, debugging, tests), 1 in a Ray task, > 1 data-parallel (DDP) on Ray Train",
+    )
     num_cpus: float | None = Field(
         None, ge=0, description="CPUs per worker (None: 1); fractions allowed, e.g. 0.5"
     )

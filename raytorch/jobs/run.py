@@ -134,9 +134,11 @@ def _job_session(job: Job, address: str | None, echo: Echo) -> Iterator[None]:
     with stores_checked(**job_stores(job)), python_path(job._base_dir, job.python_path):
         shipped = ship_job_modules(job)
         try:
-            if shipped:
+            local = isinstance(job, TrainJob) and job.trainer.local and not job.is_sweep
+            if shipped and not local:
                 echo(f"job modules shipped to workers by value: {', '.join(shipped)}")
-            ensure_ray(address, runtime_env=worker_runtime_env(job))
+            if not local:  # local mode (num_workers=0) trains in this process: no Ray
+                ensure_ray(address, runtime_env=worker_runtime_env(job))
             yield
         finally:
             unship_job_modules(shipped)
@@ -390,6 +392,12 @@ def check_resources(job: Job, nodes: Sequence[Mapping[str, float]]) -> tuple[lis
 
     problems: list[str] = []
     notes: list[str] = []
+    if isinstance(job, TrainJob) and job.trainer.local and not job.is_sweep:
+        notes.append("trainer: local mode (num_workers=0): trains in this process, no Ray")
+        return problems, notes
+    if isinstance(job, PredictJob) and job.predict.concurrency == 0:
+        notes.append("predict: local mode (concurrency=0): every unit in this process, no Ray")
+        return problems, notes
     if isinstance(job, TrainJob):
         try:
             plan = job.trainer.worker_plan(list(nodes))

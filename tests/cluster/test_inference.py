@@ -339,3 +339,40 @@ def test_plan_pool(cpus, gpus, concurrency, compute, expected):
     plan = plan_pool(cpus, gpus, cpus, concurrency, compute)
     assert (plan.size, plan.num_cpus, plan.num_gpus, plan.threads) == expected
     assert plan.size * plan.num_cpus <= cpus - min(1, cpus / 2)
+
+
+def test_ids_are_checked_where_rows_are_read_the_driver_reading_footers_only(
+    ray_local, tmp_path, monkeypatch
+):
+    x = _features(400, seed=5)
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def write(name: str, ids: list, start: int) -> None:
+        table = pa.table({"x": _fsl(x[start : start + len(ids)]), "rid": ids})
+        pq.write_table(table, data / name, row_group_size=100)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("the driver read rows of the input")
+
+    # The driver reads no rows (the actors and the id pass run in other processes).
+    monkeypatch.setattr(pq, "read_table", no_reads)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", no_reads)
+    # A repeat inside one unit: found by the actor that reads it, naming the file and unit.
+    write("a.parquet", [*range(99), 5], 0)
+    with pytest.raises(
+        RowError, match=r"id_column='rid' has 1 duplicated value\(s\) in .*a\.parquet"
+    ):
+        predict(_model(), str(data), tmp_path / "out1", key="x", id_column="rid", unit_rows=100)
+    # Nulls: the footers' statistics count them, before anything runs.
+    write("a.parquet", [*range(99), None], 0)
+    with pytest.raises(RowError, match=r"has 1 null value\(s\) \(the files' statistics"):
+        predict(_model(), str(data), tmp_path / "out2", key="x", id_column="rid", unit_rows=100)
+    # Disjoint ranges: no pass over the ids; overlapping ones: one pass, in a Ray task.
+    write("a.parquet", list(range(0, 200)), 0)
+    write("b.parquet", list(range(1000, 1200)), 200)
+    done = predict(_model(), str(data), tmp_path / "out3", key="x", id_column="rid", unit_rows=100)
+    assert done.rows_written == 400
+    write("b.parquet", list(range(150, 350)), 200)  # 150..199 twice, in two files
+    with pytest.raises(RowError, match=r"id_column='rid' has 50 duplicated value\(s\)"):
+        predict(_model(), str(data), tmp_path / "out4", key="x", id_column="rid", unit_rows=100)

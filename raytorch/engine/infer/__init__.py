@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from raytorch.engine.infer.runner import (
         UnitRunner,
         check_columns,
+        check_id_values,
         unit_batches,
     )
 
@@ -53,6 +54,7 @@ __all__, __getattr__, __dir__ = face(
         "runner": [
             "UnitRunner",
             "check_columns",
+            "check_id_values",
             "unit_batches",
         ],
     },

@@ -96,6 +96,12 @@ class UnitRunner:
             return table.column(self.id_column).combine_chunks()
         return pa.array(np.arange(start, start + table.num_rows, dtype=np.int64))
 
+    def _check_unit_ids(self, unit: Unit, chunks: list[pa.Array]) -> None:
+        """The unit's ids, checked where they are read (the driver reads footers only)."""
+        if self.id_column and chunks:
+            where = f" in {unit.path or 'the table'}, unit {unit.id}"
+            check_id_values(pa.chunked_array(chunks), self.id_column, where)
+
     def _items(self, table: pa.Table) -> tuple[list[Any] | np.ndarray, np.ndarray]:
         """Per-row inputs for preprocess (or the stacked array on the fast path) and null mask."""
         decoded = {c: column_values(table.column(c)) for c in self.key_columns}
@@ -223,8 +229,11 @@ class UnitRunner:
         data = PartWriter(self.layout.fs, self.layout.path, name)
         errors = PartWriter(self.layout.errors_fs, self.layout.errors_path, name)
         read = done = 0
+        seen_ids: list[pa.Array] = []
         for table in batches:
             ids = self._ids(table, unit.start + read)
+            if self.id_column:
+                seen_ids.append(ids)
             try:
                 out, rejected, n_ok = self.predict_table(table, ids)
             except RaytorchError:
@@ -235,6 +244,7 @@ class UnitRunner:
             errors.write(rejected)
             read += table.num_rows
             done += n_ok
+        self._check_unit_ids(unit, seen_ids)  # before anything of the unit is committed
         if done + errors.rows != read:
             raise ReconciliationError(
                 f"unit {unit.id}: read {read} rows but wrote {done} and rejected {errors.rows}"
@@ -252,6 +262,37 @@ class UnitRunner:
         }
         self.layout.commit_unit(record)
         return record
+
+
+def check_id_values(ids: pa.Array | pa.ChunkedArray, id_column: str, where: str = "") -> None:
+    """An id column holds one distinct, non-null, non-NaN value per row (ids identify rows).
+
+    Raises:
+        RowError: nulls, NaN or repeated values, counted, with an example of a repeat.
+    """
+    import pyarrow.compute as pc
+
+    if ids.null_count:
+        raise RowError(
+            f"id_column={id_column!r} has {ids.null_count} null value(s){where}; every row needs "
+            "an id (fill them, or leave id_column unset to number rows by position)"
+        )
+    if pa.types.is_floating(ids.type):
+        nans = int(pc.sum(pc.is_nan(ids)).as_py() or 0)
+        if nans:
+            raise RowError(
+                f"id_column={id_column!r} has {nans} NaN value(s){where}; every row needs an id "
+                "that names it (fill them, or leave id_column unset to number rows by position)"
+            )
+    distinct = pc.count_distinct(ids).as_py()
+    if distinct != len(ids):
+        counts = pc.value_counts(ids)
+        dup = next(c["values"] for c in counts.to_pylist() if c["counts"] > 1)
+        raise RowError(
+            f"id_column={id_column!r} has {len(ids) - distinct} duplicated value(s){where}, "
+            f"e.g. {dup!r} twice; ids must identify rows (dedupe the input, or leave id_column "
+            "unset)"
+        )
 
 
 def unit_batches(

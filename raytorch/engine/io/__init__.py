@@ -69,10 +69,13 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     )
     from raytorch.engine.io.sources import (
         ACCEPTED,
+        id_ranges,
         list_parquet,
+        mapped_table,
         open_source,
         read_column,
         read_row_groups,
+        read_table,
         table_fingerprint,
     )
     from raytorch.engine.io.state import (
@@ -158,10 +161,13 @@ __all__, __getattr__, __dir__ = face(
         ],
         "sources": [
             "ACCEPTED",
+            "id_ranges",
             "list_parquet",
+            "mapped_table",
             "open_source",
             "read_column",
             "read_row_groups",
+            "read_table",
             "table_fingerprint",
         ],
         "state": [

@@ -224,6 +224,45 @@ def _files_source(data: Any, field: str) -> Source:
     )
 
 
+def read_table(source: Source, columns: list[str]) -> pa.Table:
+    """A file or table source's ``columns`` as one table, read in this process (local mode:
+    no Ray). A dataset source cannot be read here.
+
+    Raises:
+        DataError: a file that cannot be read (naming it), or a dataset source.
+    """
+    if source.kind is SourceKind.TABLE:
+        return source.table.select(columns)
+    if source.kind is not SourceKind.FILES:
+        raise DataError(
+            f"{source.field}: a ray.data.Dataset is read by Ray; give files or a table to train "
+            "in this process (compute_kwargs.num_workers=0), or use num_workers >= 1"
+        )
+    pieces = [
+        piece
+        for file in source.files
+        for piece in read_row_groups(
+            file.path, range(len(file.row_groups)), columns, 1 << 20, source.field
+        )
+    ]
+    if not pieces:
+        return pa.table({c: [] for c in columns})
+    return pa.concat_tables(pieces)
+
+
+def mapped_table(table: pa.Table, row_map: Any, field: str) -> pa.Table:
+    """Each row of ``table`` through ``row_map`` (transform and the model's train preprocess),
+    in this process, as Ray Data's map would give it the row (array columns as numpy rows)."""
+    from raytorch.engine.io.arrow import column_values, row_items
+
+    columns = {name: row_items(*column_values(table.column(name))) for name in table.column_names}
+    rows = [
+        row_map({name: values[i] for name, values in columns.items()})
+        for i in range(table.num_rows)
+    ]
+    return to_table(rows, field)
+
+
 def read_row_groups(
     path: str, row_groups: Sequence[int], columns: list[str], batch_size: int, field: str = "data"
 ) -> Iterator[pa.Table]:
@@ -258,6 +297,29 @@ def read_row_groups(
             "file is truncated or corrupt (write it again, or move it out of the input), or its "
             "storage could not be reached (run again: committed units are kept)"
         ) from exc
+
+
+def id_ranges(source: Source, column: str) -> dict[tuple[str, int], tuple[Any, Any, int]]:
+    """``(file, row group) -> (min, max, null count)`` of one column, from the files' footers
+    (no row is read); ``(None, None, nulls)`` where a row group has no min/max statistics."""
+    out: dict[tuple[str, int], tuple[Any, Any, int]] = {}
+    for file in source.files:
+        filesystem, path = resolve(file.path)
+        with filesystem.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        index = names.index(column) if column in names else None
+        for group in range(meta.num_row_groups):
+            stats = meta.row_group(group).column(index).statistics if index is not None else None
+            if stats is None:
+                out[(file.path, group)] = (None, None, 0)
+                continue
+            nulls = int(stats.null_count) if stats.has_null_count else 0
+            if stats.has_min_max:
+                out[(file.path, group)] = (stats.min, stats.max, nulls)
+            else:
+                out[(file.path, group)] = (None, None, nulls)
+    return out
 
 
 def read_column(source: Source, column: str) -> pa.ChunkedArray:
