@@ -164,6 +164,7 @@ class TorchTrainer(TrainerConfig):
         from raytorch.cluster.session import ensure_ray, ray_env
 
         extensions = self._extensions()  # before Ray starts: a bad one should cost a second
+        self._check_sharding(model)
         check_stores(
             storage_path=self.storage_path,
             resume_from=self.resume_from,
@@ -215,6 +216,20 @@ class TorchTrainer(TrainerConfig):
             return self._finalize(model, run, out, started, monitor)
         finally:
             claim.release()
+
+    def _check_sharding(self, model: Any) -> None:
+        """strategy='fsdp': the model can be sharded as asked, checked here before Ray starts.
+
+        Raises:
+            ConfigError: a named unit class the model lacks, or a parameter shared across units.
+        """
+        if self.strategy != "fsdp":
+            return
+        from raytorch.engine.train import sharding_problem
+
+        problem = sharding_problem(model.object, self)
+        if problem:
+            raise ConfigError(problem)
 
     def _extensions(self) -> _Extensions:
         """The run's callbacks and loggers, built; a logger whose package is missing refused.
@@ -415,6 +430,10 @@ class TorchTrainer(TrainerConfig):
             resumed_from=run.resume,
             listen=self.stopping().key,
             started_at=run.started_at,
+            strategy=str(out.extra.get("strategy", "ddp")),
+            parameters_total=out.extra.get("parameters_total"),
+            parameters_per_worker=out.extra.get("parameters_per_worker"),
+            state_bytes_per_worker=out.extra.get("state_bytes_per_worker"),
         )
         monitor.callbacks.fit_end(result)
         failure = monitor.callbacks.failure

@@ -270,6 +270,33 @@ class LoaderOptions(BaseModel):
         return data
 
 
+class FsdpOptions(BaseModel):
+    """What users tune of fully sharded data parallel (``strategy="fsdp"``, PyTorch's FSDP2).
+
+    ``units`` are the submodule classes sharded as units, each gathered whole only for its own
+    forward and backward: class names (``"TransformerEncoderLayer"``) or import references
+    (``"torch.nn:TransformerEncoderLayer"``). Empty: PyTorch's transformer layers when the model
+    has some, else the whole model is one unit. The root module is always a unit (the parameters
+    outside every named unit).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    units: list[str] = Field(
+        default_factory=list, description="submodule classes sharded as units (names or refs)"
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="free each unit's gathered parameters after its forward (less memory, one "
+        "more all-gather in backward); False keeps them until backward (ZeRO-2-like)",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="keep sharded parameters, gradients and optimizer state in host memory "
+        "between uses (CUDA workers; a CPU worker already holds them there)",
+    )
+
+
 class TrainerConfig(BaseModel):
     """How to train a TorchModel on Ray (SuperDuperDB's TorchTrainer, mlr3torch's parameters).
 
@@ -404,6 +431,14 @@ class TrainerConfig(BaseModel):
     )
     compile: bool | dict[str, Any] = Field(
         False, description="torch.compile the module (True, or a dict of its kwargs)"
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="'ddp': every worker holds the whole model; 'fsdp': parameters, gradients "
+        "and optimizer state sharded over the workers (PyTorch's FSDP2)",
+    )
+    fsdp_kwargs: FsdpOptions | None = Field(
+        None, description="strategy='fsdp' only: units, reshard_after_forward, cpu_offload"
     )
     seed: int | Literal["random"] | None = Field(
         "random", description="int; 'random' (drawn once, recorded in the result); None: no seeding"
@@ -571,6 +606,17 @@ class TrainerConfig(BaseModel):
                 f"data_prefetch=True and in_memory={self.in_memory!r} are both set: streaming and "
                 "materialising exclude each other; set data_prefetch=False (in memory, fast) or "
                 "in_memory=False (streamed, for data larger than memory)"
+            )
+        if self.fsdp_kwargs is not None and self.strategy != "fsdp":
+            problems.append(
+                f"fsdp_kwargs is set but strategy={self.strategy!r}: sharding options apply to "
+                "strategy='fsdp' only; set strategy='fsdp' or remove fsdp_kwargs"
+            )
+        if self.strategy == "fsdp" and self.precision == "16-mixed":
+            problems.append(
+                "precision='16-mixed' with strategy='fsdp' is not supported: its gradient scaler "
+                "would skip steps on some shards and not others; use precision='bf16-mixed' "
+                "(FSDP's mixed-precision policy) or '32'"
             )
         if self.local and (self.streaming or self.download):
             problems.append(

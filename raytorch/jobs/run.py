@@ -478,6 +478,17 @@ def path_problems(job: Job) -> list[str]:
     return problems
 
 
+def sharding_problems(job: Job) -> list[str]:
+    """strategy='fsdp': whether the job's model can be sharded as ``fsdp_kwargs`` asks (the
+    model is built for it; other jobs are not touched)."""
+    if not isinstance(job, TrainJob) or job.trainer.strategy != "fsdp":
+        return []
+    from raytorch.engine.train import sharding_problem
+
+    problem = sharding_problem(build_model(job.model, job.name).object, job.trainer)
+    return [f"trainer.{problem}"] if problem else []
+
+
 def data_problems(job: Job) -> list[str]:
     """What the footers of the job's local parquet inputs say against its key: missing columns,
     unreadable files, files of different schemas (no row is read)."""
@@ -513,8 +524,15 @@ def describe(job: Job) -> list[str]:
         trainer, compute = job.trainer, job.trainer.compute_kwargs
         bounds = [f"max_iterations={trainer.max_iterations}"] if trainer.max_iterations else []
         bounds += [f"epochs={trainer.epochs}"] if trainer.epochs else []
+        workers = (
+            f"{compute.num_workers} worker(s)"
+            if compute.num_workers
+            else "local mode (in this process, no Ray)"
+        )
+        if trainer.strategy != "ddp":
+            workers += f" ({trainer.strategy})"
         lines.append(
-            f"  trainer: {compute.num_workers} worker(s), {', '.join(bounds)}, "
+            f"  trainer: {workers}, {', '.join(bounds)}, "
             f"listen={trainer.listen}, storage_path={trainer.storage_path}"
         )
         if job.is_sweep:

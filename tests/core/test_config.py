@@ -42,7 +42,11 @@ def make(**over):
         ({"patience": 3, "no_improve_then_stop": 4}, r"give only no_improve_then_stop"),
         ({"key": ["x", "x"]}, r"column 'x' is both an input and the target"),
         ({"key": 3}, r"key=3 is not a key"),
-        ({"compute_kwargs": {"num_workers": 0}}, r"num_workers"),
+        ({"compute_kwargs": {"num_workers": -1}}, r"num_workers"),
+        (
+            {"compute_kwargs": {"num_workers": 0}, "data_prefetch": True},
+            r"compute_kwargs.num_workers=0 trains in this process",
+        ),
         ({"collate_fn": "m:f", "loader_kwargs": {"collate_fn": "m:g"}}, r"collate_fn"),
         (
             {

@@ -56,6 +56,19 @@ def test_check_ok_on_this_machine(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.rstrip().endswith(f"{TRAIN_JOB}: ok")
 
 
+def test_check_tells_fsdp_and_refuses_units_the_model_lacks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    job = str(ROOT / "jobs" / "train_charlm.yaml")
+    sharded = ["trainer.strategy=fsdp", "trainer.compute_kwargs.num_workers=2"]
+    assert main(["check", job, *sharded]) == 0
+    assert "trainer: 2 worker(s) (fsdp)" in capsys.readouterr().out
+    assert main(["check", job, *sharded, "trainer.fsdp_kwargs={units: [Conv2d]}"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.fsdp_kwargs.units: the model CharTransformer has no submodule of class" in err
+    assert "'TransformerEncoderLayer'" in err  # the classes it has
+
+
 def test_check_refuses_resources_the_cluster_lacks(capsys: pytest.CaptureFixture[str]) -> None:
     # Options may come before overrides; overrides after options still count.
     code = main(["check", TRAIN_JOB, "--address", "", "trainer.compute_kwargs.num_gpus=64"])

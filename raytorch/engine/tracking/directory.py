@@ -292,7 +292,16 @@ def load_finished(
         reused=True,
         listen=summary.get("listen"),
         started_at=summary.get("started_at"),
+        strategy=str(summary.get("strategy") or "ddp"),
+        parameters_total=_count(summary.get("parameters_total")),
+        parameters_per_worker=_count(summary.get("parameters_per_worker")),
+        state_bytes_per_worker=_count(summary.get("state_bytes_per_worker")),
     )
+
+
+def _count(value: Any) -> int | None:
+    """A count read from ``result.json``: an int >= 0, else None (its type is checked)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _checked_history(recorded: Any, run_dir: Path | str) -> dict[str, list[float]]:

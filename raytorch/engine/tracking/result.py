@@ -71,6 +71,11 @@ class TrainingResult(BaseModel):
         resumed_from: the checkpoint this run started from, if any.
         reused: True when ``fit`` found this run already finished and returned its result.
         listen: the history key of ``best_value``; started_at: when fit started (UTC, ISO).
+        strategy: ``ddp`` or ``fsdp`` (``fsdp`` only when the model was sharded: 2 workers or
+            more). parameters_total: the model's parameter elements; parameters_per_worker: the
+            most any one worker held (half of them with 2 workers under FSDP);
+            state_bytes_per_worker: the most bytes of parameters + gradients + optimizer state
+            any worker held (at the first optimizer step).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, ser_json_inf_nan="constants")
@@ -98,6 +103,10 @@ class TrainingResult(BaseModel):
     workers: list[dict[str, Any]] = Field(default_factory=list)  # rank, node, device
     listen: str | None = None  # the history key early stopping watched (best_value's)
     started_at: str | None = None  # ISO 8601, UTC
+    strategy: str = "ddp"
+    parameters_total: int | None = None
+    parameters_per_worker: int | None = None
+    state_bytes_per_worker: int | None = None
 
     def summary(self) -> dict[str, Any]:
         """The JSON-friendly part written to ``result.json``."""
@@ -115,6 +124,10 @@ class TrainingResult(BaseModel):
             "num_workers": self.num_workers,
             "devices": self.devices,
             "workers": self.workers,
+            "strategy": self.strategy,
+            "parameters_total": self.parameters_total,
+            "parameters_per_worker": self.parameters_per_worker,
+            "state_bytes_per_worker": self.state_bytes_per_worker,
             "timings": self.timings,
             "restarts": self.restarts,
             "resumed_from": self.resumed_from,

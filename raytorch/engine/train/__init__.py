@@ -1,5 +1,6 @@
 """One worker's training, in one process: the loop and its state, the context it runs in, one
-optimizer step (the recipe), data parallelism, custom steps, seeding and resume checkpoints."""
+optimizer step (the recipe), data parallelism (DDP) and sharding (FSDP), custom steps, seeding
+and resume checkpoints."""
 
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         PRECISIONS,
         Recipe,
         check_precision,
+    )
+    from raytorch.engine.train.sharding import (
+        Sharded,
+        shard,
+        sharding_problem,
     )
     from raytorch.engine.train.steps import (
         ScalarLogs,
@@ -86,6 +92,11 @@ __all__, __getattr__, __dir__ = face(
             "PRECISIONS",
             "Recipe",
             "check_precision",
+        ],
+        "sharding": [
+            "Sharded",
+            "shard",
+            "sharding_problem",
         ],
         "steps": [
             "ScalarLogs",

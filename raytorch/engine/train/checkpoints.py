@@ -1,7 +1,9 @@
 """Resume checkpoints in a run's storage (a local directory or a ``pyarrow.fs`` URI).
 
 ``<run_dir>/checkpoints/iter_<N>/`` holds ``state.pt`` (the loop's resume payload) and
-``meta.json``, written last: on object storage, where nothing renames atomically, a directory
+``meta.json``, written last (under ``strategy="fsdp"`` also ``shards/``, each rank's part of the
+weights and optimizer state, written by ``torch.distributed.checkpoint``; ``meta.json`` records
+every shard's size and hash): on object storage, where nothing renames atomically, a directory
 without ``meta.json`` is a half-written upload and is never resumed from. Ray Train's own copies
 (``<run_dir>/checkpoint_<time>/``) hold the same two files, so one lookup finds both.
 """
@@ -35,11 +37,28 @@ RESUME_FORMAT = "raytorch.resume"
 RESUME_VERSION = 1
 META_NAME = "meta.json"
 STATE_NAME = "state.pt"
+SHARDS_DIR = "shards"
 _ITER_PREFIX = "iter_"
 
 
-def write_resume_dir(directory: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
-    """Write ``state.pt`` then ``meta.json`` (the completion marker) into a local directory."""
+def file_digests(directory: str | os.PathLike[str], sub: str) -> dict[str, list[Any]]:
+    """``{"<sub>/<name>": [bytes, sha256]}`` of the files under ``directory/sub``."""
+    base = Path(directory)
+    out: dict[str, list[Any]] = {}
+    for file in sorted((base / sub).rglob("*")):
+        if file.is_file():
+            data = file.read_bytes()
+            out[file.relative_to(base).as_posix()] = [len(data), hashlib.sha256(data).hexdigest()]
+    return out
+
+
+def write_resume_dir(
+    directory: str | os.PathLike[str],
+    payload: Mapping[str, Any],
+    files: Mapping[str, list[Any]] | None = None,
+) -> None:
+    """Write ``state.pt`` then ``meta.json`` (the completion marker) into a local directory;
+    ``files`` (from :func:`file_digests`) are the other files the checkpoint must hold."""
     directory = Path(directory)
     save_state(directory / STATE_NAME, payload)
     data = (directory / STATE_NAME).read_bytes()
@@ -52,6 +71,8 @@ def write_resume_dir(directory: str | os.PathLike[str], payload: Mapping[str, An
         "state_bytes": len(data),
         "state_sha256": hashlib.sha256(data).hexdigest(),
     }
+    if files:
+        meta["files"] = dict(files)
     write_json(directory / META_NAME, meta)
 
 
@@ -71,6 +92,36 @@ def state_problem(checkpoint: str, meta: Mapping[str, Any]) -> str | None:
     digest = hashlib.sha256(read_bytes(join(checkpoint, STATE_NAME)) or b"").hexdigest()
     if digest != meta.get("state_sha256"):
         return f"{STATE_NAME} does not match its recorded checksum (damaged or replaced)"
+    return _files_problem(checkpoint, meta.get("files"))
+
+
+def _files_problem(checkpoint: str, files: Any) -> str | None:
+    """Why the other files ``meta.json`` lists (the shards) are not all there as written."""
+    from pyarrow import fs
+
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        return f"{META_NAME} 'files' is a {type(files).__name__}, not a mapping (edited?)"
+    filesystem, root = resolve(checkpoint)
+    for name, recorded in files.items():
+        if (
+            not isinstance(name, str)
+            or ".." in name.split("/")
+            or not isinstance(recorded, list)
+            or len(recorded) != 2
+        ):
+            return (
+                f"{META_NAME} lists a file entry {name!r}: {recorded!r} it cannot check (edited?)"
+            )
+        info = filesystem.get_file_info(f"{root}/{name}")
+        if info.type != fs.FileType.File:
+            return f"{name} is missing (an incomplete upload of the shards?)"
+        if info.size != recorded[0]:
+            return f"{name} has {info.size} bytes, {META_NAME} says {recorded[0]} (truncated?)"
+        digest = hashlib.sha256(read_bytes(join(checkpoint, name)) or b"").hexdigest()
+        if digest != recorded[1]:
+            return f"{name} does not match its recorded checksum (damaged or replaced)"
     return None
 
 
@@ -108,7 +159,10 @@ def publish_checkpoint(
     else:
         with atomic_dir(target) as tmp:
             for file in Path(local).iterdir():
-                shutil.copy2(file, tmp / file.name)
+                if file.is_dir():
+                    shutil.copytree(file, tmp / file.name)
+                else:
+                    shutil.copy2(file, tmp / file.name)
     if num_to_keep is not None:
         _prune(run_dir, num_to_keep)
     return target

@@ -28,6 +28,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +51,20 @@ from raytorch.core.metrics import MetricAccumulator
 from raytorch.core.pytree import count_rows, tensors_to_cpu, to_device
 from raytorch.core.resolve import objective_problem, resolve_callable, resolve_optimizer
 from raytorch.core.stopping import Decision, StopReason, step
-from raytorch.engine.train.checkpoints import RESUME_FORMAT, load_resume, write_resume_dir
+from raytorch.engine.train.checkpoints import (
+    RESUME_FORMAT,
+    SHARDS_DIR,
+    file_digests,
+    load_resume,
+    write_resume_dir,
+)
 from raytorch.engine.train.context import Batch, LoopResult, WorkerContext, equal_steps
 from raytorch.engine.train.loop_state import LoopState, compatibility_problem
 from raytorch.engine.train.meters import StepClock, TrainWindow
 from raytorch.engine.train.parallel import Unwrapped, device_of, wrap_data_parallel
 from raytorch.engine.train.recipe import Recipe
 from raytorch.engine.train.rng import rng_state, seed_everything, set_rng_state
+from raytorch.engine.train.sharding import Sharded, local_numel, shard
 from raytorch.engine.train.steps import ScalarLogs, agree_on_keys, custom_step, split_step_output
 
 logger = logging.getLogger("raytorch")
@@ -85,6 +93,7 @@ class Loop:
         self.validation_step = custom_step(model.object, "validation_step")
         self.after_backward: Callable[[], None] = lambda: None
         self.last_loss: torch.Tensor | None = None  # the last micro-batch's, on the device
+        self.sharded: Sharded | None = None  # strategy='fsdp' with several workers
 
     @property
     def records_lr(self) -> bool:
@@ -120,6 +129,8 @@ class Loop:
         self.module: torch.nn.Module = model.object.to(self.device)
         model.object = self.module
         ctx.setup(self.device)
+        if cfg.strategy == "fsdp":
+            self._shard()
         opt_cls = resolve_optimizer(cfg.optimizer_cls)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
@@ -129,15 +140,18 @@ class Loop:
             )
         self.optimizer = opt_cls(self.module.parameters(), **cfg.optimizer_kwargs)
         opt_state = cfg.optimizer_state or getattr(model, "optimizer_state", None)
-        if opt_state:
+        if opt_state and self.sharded is not None:
+            self.sharded.load_optimizer(self.optimizer, opt_state)
+        elif opt_state:
             self.optimizer.load_state_dict(opt_state)
         # Checks precision against this worker's device: fails here, before any training.
         self.recipe = Recipe(cfg, self.module, self.optimizer, self.device)
+        self.recipe.sharded = self.sharded
         self.window.device = self.device
         self.window.reset()
         restored = ctx.restored_checkpoint()
         if restored is not None:
-            self._restore(load_resume(Path(restored)))
+            self._restore(load_resume(Path(restored)), Path(restored))
         elif ctx.restart_reason is not None:  # restarted before its first checkpoint
             self.state.restarts.append({"iteration": 0, "reason": ctx.restart_reason})
         if ctx.rank == 0:
@@ -145,14 +159,41 @@ class Loop:
                 {"kind": "begin", "iteration": self.state.iteration, "restart": ctx.restart_reason}
             )
 
+    def _shard(self) -> None:
+        """strategy='fsdp': shard the module over the workers, before the optimizer is built on
+        its (sharded) parameters."""
+        ctx = self.ctx
+        if ctx.world_size == 1:
+            if ctx.rank == 0:
+                ctx.progress(
+                    "strategy='fsdp' with 1 worker: nothing to shard over, so it trains as plain "
+                    "training (the whole model on this worker)"
+                )
+            return
+        method = getattr(self.model, "train_forward_method", "__call__")
+        self.sharded = shard(self.module, self.cfg, self.device, ctx.world_size, method)
+        # Sharding registers the custom steps as forward methods: look them up again.
+        self.training_step = custom_step(self.module, "training_step")
+        self.validation_step = custom_step(self.module, "validation_step")
+
+    def _whole_weights(self) -> dict[str, Any]:
+        """The whole weights on the CPU (under FSDP every rank calls and rank 0 gets them)."""
+        if self.sharded is not None:
+            return self.sharded.full_state_dict()
+        return tensors_to_cpu(self.module.state_dict())
+
     # -- checkpoints: everything needed to resume, in one place
 
     def payload(self) -> dict[str, Any]:
-        """The resume checkpoint's contents (CPU tensors, numbers, strings, lists, dicts)."""
+        """The resume checkpoint's contents (CPU tensors, numbers, strings, lists, dicts); under
+        FSDP the weights and optimizer state are in the shards beside it."""
+        sharded = self.sharded is not None
         return {
             "format": RESUME_FORMAT,
-            "model": tensors_to_cpu(self.module.state_dict()),
-            "optimizer": tensors_to_cpu(self.optimizer.state_dict()),
+            "strategy": self.cfg.strategy,
+            "sharded": sharded,
+            "model": None if sharded else tensors_to_cpu(self.module.state_dict()),
+            "optimizer": None if sharded else tensors_to_cpu(self.optimizer.state_dict()),
             "recipe": self.recipe.state_dict(),  # schedule, gradient scaler, accumulation
             "rng": rng_state(),
             "listen": self._listen(),
@@ -169,15 +210,29 @@ class Loop:
             keys += ["train/lr", *([f"train/lr_{i}" for i in range(groups)] if groups > 1 else [])]
         return keys
 
-    def _restore(self, payload: dict[str, Any]) -> None:
+    def _restore(self, payload: dict[str, Any], directory: Path) -> None:
         custom = self.training_step is not None or self.validation_step is not None
         problem = compatibility_problem(payload, self._listen(), self._metric_keys(), custom)
         if problem:
             raise CheckpointError(problem)
+        if payload.get("sharded") and self.sharded is None:
+            raise CheckpointError(
+                f"checkpoint {directory} holds weights sharded by strategy='fsdp' over several "
+                "workers; resume it with strategy='fsdp' and compute_kwargs.num_workers >= 2, or "
+                "start a new run from its model directory (checkpoints/last)"
+            )
         state = LoopState.from_state_dict(payload)
         try:
-            self.module.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
+            if payload.get("sharded"):
+                assert self.sharded is not None
+                with_optimizer = bool(payload.get("sharded_optimizer", True))
+                self.sharded.load(self.optimizer, directory / SHARDS_DIR, with_optimizer)
+            elif self.sharded is not None:  # a DDP run's checkpoint, continued sharded
+                self.sharded.load_weights(payload["model"])
+                self.sharded.load_optimizer(self.optimizer, payload["optimizer"])
+            else:
+                self.module.load_state_dict(payload["model"])
+                self.optimizer.load_state_dict(payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(
                 f"the checkpoint's weights do not fit this model ({type(exc).__name__}: "
@@ -206,7 +261,9 @@ class Loop:
         checkpoint_dir = None
         metrics = {"iteration": state.iteration, "epoch": state.epoch, **values}
         every = self.ctx.checkpoint_every
-        if every and state.validations % every == 0:
+        if every and state.validations % every == 0 and self.sharded is not None:
+            checkpoint_dir = self._sharded_checkpoint()
+        elif every and state.validations % every == 0:
             # Every rank's RNG state goes into rank 0's checkpoint (the same validations on all
             # ranks), so each rank resumes exactly where it was.
             rng_ranks = self.ctx.all_gather_object(rng_state())
@@ -218,6 +275,24 @@ class Loop:
         finally:
             if checkpoint_dir is not None:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    def _sharded_checkpoint(self) -> Path:
+        """Each rank writes its shard into a directory of its own (Ray Train merges the ranks'
+        directories into one checkpoint); rank 0 adds ``state.pt`` and ``meta.json``, which
+        records every shard's size and hash: a checkpoint missing a shard is never resumed."""
+        assert self.sharded is not None
+        local = Path(tempfile.mkdtemp(prefix="raytorch-ckpt-"))
+        with_optimizer = self.sharded.save(self.optimizer, local / SHARDS_DIR)
+        gathered = self.ctx.all_gather_object((rng_state(), file_digests(local, SHARDS_DIR)))
+        if self.ctx.rank == 0:
+            files = {name: digest for _, digests in gathered for name, digest in digests.items()}
+            payload = {
+                **self.payload(),
+                "rng_ranks": [rng for rng, _ in gathered],
+                "sharded_optimizer": with_optimizer,
+            }
+            write_resume_dir(local, payload, files)
+        return local
 
     # -- one step and one validation
 
@@ -300,7 +375,14 @@ class Loop:
         self.valid_acc.reset()
         self.module.eval()
         try:
-            with torch.no_grad(), self.recipe.autocast(), Unwrapped(self.model, self.module):
+            # Under FSDP the whole model is gathered first: forwards then run no collective.
+            gathered = self.sharded.gathered() if self.sharded is not None else nullcontext()
+            with (
+                torch.no_grad(),
+                self.recipe.autocast(),
+                Unwrapped(self.model, self.module),
+                gathered,
+            ):
                 for index, batch in enumerate(self.ctx.valid_batches()):
                     inputs, targets = self._split(batch)
                     if self.validation_step is not None:
@@ -369,7 +451,7 @@ class Loop:
         )
         self.recipe.validated(values[self.stop_cfg.key])  # ReduceLROnPlateau's input
         if decision.improved:
-            state.best_state = tensors_to_cpu(self.module.state_dict())
+            state.best_state = self._whole_weights()
         decision = self._check_train_loss(decision, values)
         asks = self.ctx.decides and not decision.stop  # the same on every rank
         ask = uuid.uuid4().hex if asks and self.ctx.rank == 0 else None
@@ -464,7 +546,8 @@ class Loop:
             return self._finish()
         if state.iteration == 0 and state.last_validated < 0 and self.validate_and_decide():
             return self._finish()
-        if self.ctx.world_size > 1:  # only now: a run that stops at iteration 0 never syncs grads
+        if self.ctx.world_size > 1 and self.sharded is None:
+            # Only now: a run that stops at iteration 0 never syncs gradients.
             self.after_backward = wrap_data_parallel(self.model, self.module, self.device)
         self._compile()
         start = time.perf_counter()
@@ -599,7 +682,23 @@ class Loop:
             "node_id": self.ctx.node_id(),
             "device": str(self.device),
         }
-        workers = self.ctx.all_gather_object(me)
+        held = (local_numel(self.module), self.recipe.state_bytes)
+        gathered = self.ctx.all_gather_object((me, held))
+        workers = [worker for worker, _ in gathered]
+        extra = clock.extra(samples, state.iteration, self.ctx.world_size)
+        extra.update(
+            strategy="fsdp" if self.sharded is not None else "ddp",
+            parameters_total=sum(p.numel() for p in self.module.parameters()),
+            parameters_per_worker=max(numel for _, (numel, _) in gathered),
+        )
+        measured = [size for _, (_, size) in gathered if size is not None]
+        if measured:
+            extra["state_bytes_per_worker"] = max(measured)
+        optimizer_state = (  # under FSDP only rank 0's is whole (the others get {})
+            self.sharded.full_optimizer_state(self.optimizer) or {}
+            if self.sharded is not None
+            else tensors_to_cpu(self.optimizer.state_dict())
+        )
         return LoopResult(
             history=state.history,
             stop_reason=state.reason,
@@ -607,15 +706,15 @@ class Loop:
             stopped_iteration=state.iteration,
             best_iteration=state.stopper.best_iteration,
             best_value=state.stopper.best_value,
-            final_state_dict=tensors_to_cpu(self.module.state_dict()),
+            final_state_dict=self._whole_weights(),
             best_state_dict=state.best_state,
-            optimizer_state=tensors_to_cpu(self.optimizer.state_dict()),
+            optimizer_state=optimizer_state,
             device=str(self.device),
             first_step_time=clock.first_step_time,
             train_s=clock.train_s,
             samples=samples,
             epochs=state.epoch,
-            extra=clock.extra(samples, state.iteration, self.ctx.world_size),
+            extra=extra,
             restarts=state.restarts,
             workers=workers,
         )

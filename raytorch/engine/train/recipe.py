@@ -78,6 +78,10 @@ class Recipe:
         self.plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.micro = 0  # micro-batches accumulated into the current step
         self.steps = 0  # optimizer steps taken (warmup and the schedule count from here)
+        self.sharded: Any = None  # a sharding.Sharded under strategy='fsdp' with several workers
+        # Parameters + gradients + optimizer state held here, measured at the first step (when
+        # all three exist): the memory a strategy is chosen for.
+        self.state_bytes: int | None = None
         if self.warmup:
             self._set_warmup_lr()
 
@@ -100,7 +104,13 @@ class Recipe:
         scaled = loss / self.accumulate if self.accumulate > 1 else loss
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
-        with contextlib.nullcontext() if last else _no_sync(model):
+        if last:
+            skip_sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        elif self.sharded is not None:
+            skip_sync = self.sharded.no_sync()
+        else:
+            skip_sync = _no_sync(model)
+        with skip_sync:
             scaled.backward()
         return last
 
@@ -122,6 +132,10 @@ class Recipe:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.state_bytes is None:
+            from raytorch.engine.train.sharding import state_bytes
+
+            self.state_bytes = state_bytes(self.module, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.micro = 0
         self.steps += 1
