@@ -36,15 +36,18 @@ from _common import Row, median, print_machine, print_table  # noqa: E402
 
 def _fit(strategy: str, steps: int, layers: int, storage: str, gpu: bool) -> dict[str, Any]:
     import charlm
+    from ray import cloudpickle  # Ray pickles with its own copy
 
     import raytorch
+
+    cloudpickle.register_pickle_by_value(charlm)  # the workers cannot import jobs/charlm.py
 
     compute = {"num_workers": 2, "num_gpus": 1} if gpu else {"num_workers": 2, "num_cpus": 0.5}
     trainer = raytorch.TorchTrainer.model_validate(
         {
             "identifier": f"fsdp-bench-{strategy}",
             "key": ["x", "y"],
-            "objective": "charlm:next_char_loss",
+            "objective": charlm.next_char_loss,
             "loader_kwargs": {"batch_size": 32},
             "optimizer_cls": "AdamW",
             "optimizer_kwargs": {"lr": 3e-3},
@@ -59,10 +62,12 @@ def _fit(strategy: str, steps: int, layers: int, storage: str, gpu: bool) -> dic
             "storage_path": storage,
         }
     )
-    model = raytorch.TorchModel(
-        "charlm",
-        object=charlm.CharTransformer(d_model=128, layers=layers),
-        preferred_devices=("cuda", "cpu") if gpu else ("cpu",),
+    import torch
+
+    torch.manual_seed(0)  # the same initial weights for both strategies
+    # CharTransformer is decorated with @torchmodel: called with an identifier, a TorchModel.
+    model = charlm.CharTransformer(
+        "charlm", d_model=128, layers=layers, preferred_devices=("cuda", "cpu") if gpu else ("cpu",)
     )
     train = charlm.windows("train", rows=4096)
     valid = charlm.windows("valid", rows=256)
@@ -81,12 +86,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 repeat, 30 steps")
     parser.add_argument("--gpu", action="store_true", help="2 GPU workers (NCCL)")
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=0, help="steps per run (default 60)")
+    parser.add_argument("--repeats", type=int, default=0, help="runs of each (default 2)")
     args = parser.parse_args()
     print_machine()
     import logging
 
     logging.getLogger("raytorch").setLevel(logging.WARNING)
     repeats, steps = (1, 30) if args.quick else (2, 60)
+    repeats, steps = args.repeats or repeats, args.steps or steps
     runs: dict[str, list[dict[str, Any]]] = {"ddp": [], "fsdp": []}
     with tempfile.TemporaryDirectory(prefix="bench-fsdp-") as storage:
         for _ in range(repeats):

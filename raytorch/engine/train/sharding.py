@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,9 @@ def shard(
     kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": reshard}
     if opts is not None and opts.cpu_offload and device.type == "cuda":
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    # FSDP2 warns on every run whose model returns a view (a Linear over 3-d input does): an
+    # in-place op on the output would skip a gather. The loop makes none; a healthy run stays quiet.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for unit in reversed(units):  # modules() is outermost first: shard the inner ones first
         fully_shard(unit, **kwargs)
     fully_shard(module, **kwargs)
