@@ -78,7 +78,12 @@ def main() -> None:
     from tests._digits import digits_rows, mlp, small_trainer
     from tests._flaky import flaky_model, ship_by_value
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # A removed node is found dead in about 5 s (health checks every second, 5 missed), not 15 s
+    # (3 s x 5, Ray's default): the same events, sooner, with a margin for a loaded machine.
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": health}
+    )
     try:
         for _ in range(3):
             cluster.add_node(num_cpus=1, resources={"trainer_slot": 1})
@@ -123,13 +128,12 @@ def main() -> None:
         )
 
         # 3. The same on the two nodes left: the group cannot be placed again. Each placement
-        # wait (two, with max_failures=1) outlasts half the GCS's detection of a removed node
-        # (health checks, 3 s x 5 by default): the failure message counts the nodes alive then,
-        # and with 5 s waits it could still count the removed one.
+        # wait (two, with max_failures=1) outlasts the GCS's detection of a removed node (about
+        # 5 s here): the failure message counts the nodes alive then.
         removed = {}
         _remove_when(cluster, _checkpointed(tmp / "runs" / "gone"), "RayTrainWorker", removed)
         try:
-            small_trainer(tmp, "gone", run_name="gone", worker_start_timeout_s=12, **over).fit(
+            small_trainer(tmp, "gone", run_name="gone", worker_start_timeout_s=8, **over).fit(
                 flaky_model(step_s=STEP_S), train, valid
             )
             _stop(removed)

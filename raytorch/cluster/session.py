@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import sys
@@ -111,9 +112,29 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
 # -- a joined cluster that goes away
 
 # A joined cluster whose GCS port has not answered for this long is gone: the run cannot go on
-# (Ray would end the process without a word after a minute).
+# (Ray would end the process without a word after a minute). RAYTORCH_CLUSTER_LOST_AFTER_S
+# changes it (a cluster behind a flaky network: longer).
 LOST_AFTER_S = 15.0
 _WATCH_PERIOD_S = 3.0
+
+
+def lost_after_s() -> float:
+    """How long a joined cluster may stay silent before the run gives it up (seconds)."""
+    raw = os.environ.get("RAYTORCH_CLUSTER_LOST_AFTER_S")
+    if raw is None:
+        return LOST_AFTER_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        logger.warning(
+            "RAYTORCH_CLUSTER_LOST_AFTER_S=%r is not a number of seconds > 0; using %g",
+            raw,
+            LOST_AFTER_S,
+        )
+        return LOST_AFTER_S
+    return value
 _LOST: list[str] = []  # why the joined cluster was given up, once it was
 _EXIT_WHEN_LOST: list[bool] = [False]
 _ON_LOST: list[Callable[[str], None]] = []  # what a run does then (its result.json says failed)
@@ -157,17 +178,18 @@ class _ClusterWatch(threading.Thread):
         import ray
 
         silent_since: float | None = None
+        lost_after = lost_after_s()
         while ray.is_initialized():
-            time.sleep(_WATCH_PERIOD_S)
+            time.sleep(min(_WATCH_PERIOD_S, lost_after / 3))
             if _reachable(self.gcs_address, timeout_s=2.0):
                 silent_since = None
                 continue
             silent_since = silent_since or time.monotonic()
-            if time.monotonic() - silent_since < LOST_AFTER_S:
+            if time.monotonic() - silent_since < lost_after:
                 continue
             reason = (
                 f"the Ray cluster at {self.gcs_address} stopped answering (nothing for "
-                f"{LOST_AFTER_S:g} s: its head node went away); the run cannot go on. Its "
+                f"{lost_after:g} s: its head node went away); the run cannot go on. Its "
                 "checkpoints in storage_path are kept: run again with the same run_name once the "
                 "cluster is back"
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+import pytest
+
 from raytorch.cluster.compat import drop_stderr_lines, quiet_ray_loggers
 
 
@@ -144,3 +146,19 @@ def test_a_users_dataset_runs_quiet_in_raytorch_and_keeps_its_own_settings(ray_l
     assert not quiet_dataset(users).context.print_on_execution_start
     assert users.context.enable_progress_bars  # the user's object is untouched
     assert sorted(r["id"] for r in ours.take_all()) == list(range(0, 20, 2))
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(None, 15.0), ("4.5", 4.5), ("abc", 15.0), ("0", 15.0)]
+)
+def test_how_long_a_silent_cluster_is_waited_for(monkeypatch, caplog, raw, expected):
+    from raytorch.cluster.session import lost_after_s
+
+    if raw is None:
+        monkeypatch.delenv("RAYTORCH_CLUSTER_LOST_AFTER_S", raising=False)
+    else:
+        monkeypatch.setenv("RAYTORCH_CLUSTER_LOST_AFTER_S", raw)
+    with caplog.at_level("WARNING", logger="raytorch"):
+        assert lost_after_s() == expected
+    refused = raw in ("abc", "0")
+    assert refused == any("is not a number of seconds" in r.getMessage() for r in caplog.records)

@@ -1,10 +1,10 @@
 """strategy='fsdp' on Ray Train: 2 CPU workers (gloo) on the shared local Ray.
 
-Four fits: DDP and FSDP on the same seed and data (the histories agree, each FSDP worker holds
+Five fits: DDP and FSDP on the same seed and data (the histories agree, each FSDP worker holds
 half the model, the best checkpoint predicts in one process), FSDP with rank 1 killed mid-run
-(the group resumes from the sharded checkpoint to the uninterrupted run's weights exactly), and
-FSDP with bf16-mixed, clipping, accumulation and a custom training_step. A 1-worker resume of the
-sharded checkpoint is refused.
+(the group resumes from the sharded checkpoint to the uninterrupted run's weights exactly), the
+sharded checkpoint resumed by 3 workers (it reshards; 1 worker refuses it), and FSDP with
+bf16-mixed, clipping, accumulation and a custom training_step.
 """
 
 from __future__ import annotations
@@ -120,10 +120,25 @@ def test_a_killed_rank_resumes_from_the_shards_to_the_same_weights(pair, digits,
         assert torch.equal(result.final_state_dict[name], value), name
 
 
-@pytest.mark.timeout(120)
-def test_a_sharded_checkpoint_is_refused_by_one_worker(pair, digits, tmp_path):
+@pytest.mark.timeout(180)
+def test_sharded_checkpoints_reshard_to_three_workers_and_one_worker_refuses_them(
+    pair, digits, tmp_path
+):
     _, fsdp, _ = pair
     train, valid = digits
+    three = {"num_workers": 3, "num_cpus": 0.5}
+    result = _trainer(
+        tmp_path,
+        "three",
+        strategy="fsdp",
+        compute_kwargs=three,
+        max_iterations=50,
+        resume_from=str(fsdp.run_dir),
+        compile={"backend": "eager"},  # torch.compile over the sharded module
+    ).fit(flaky_model(), train, valid)
+    assert result.history["iteration"] == [0, 10, 20, 30, 40, 50]  # 0-40 from the checkpoint
+    assert result.history["valid/objective"][:5] == fsdp.history["valid/objective"]
+    assert result.parameters_per_worker <= result.parameters_total / 3 + 64
     trainer = _trainer(
         tmp_path, "one", compute_kwargs={"num_workers": 1}, resume_from=str(fsdp.run_dir)
     )

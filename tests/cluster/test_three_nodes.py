@@ -53,10 +53,10 @@ def test_nodes_lost_mid_run_in_training_and_inference():
 
     # Two nodes left, one removed: the group cannot be placed again. It fails (not hangs), with
     # the run marked failed and the message naming what is missing. The bound is generous: node
-    # death detection, 2 placement waits of 12 s (max_failures=1), the restarts in between.
+    # death detection, 2 placement waits of 8 s (max_failures=1), the restarts in between.
     gone = checks["node lost for good"]
     assert gone["failed"] and gone["status"] == "failed"
-    assert "could not hold 2 workers of CPU=1, trainer_slot=1 within 12 s" in gone["error"]
+    assert "could not hold 2 workers of CPU=1, trainer_slot=1 within 8 s" in gone["error"]
     assert "its 2 alive node(s) hold 1" in gone["error"]
     assert "missing: room for 1 more worker(s)" in gone["error"]
     assert gone["seconds_after_loss"] < 120

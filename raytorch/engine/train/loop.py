@@ -250,10 +250,11 @@ class Loop:
         ranks = payload.get("rng_ranks") or []
         same_group = len(ranks) == self.ctx.world_size
         set_rng_state(ranks[self.ctx.rank] if same_group else payload["rng"])
-        self.ctx.progress(
-            f"resumed from a checkpoint at iteration {state.iteration} (epoch {state.epoch}, "
-            f"batch {state.step_in_epoch} of it)"
-        )
+        if self.ctx.rank == 0:
+            self.ctx.progress(
+                f"resumed from a checkpoint at iteration {state.iteration} (epoch {state.epoch}, "
+                f"batch {state.step_in_epoch} of it)"
+            )
 
     def _report(self, values: dict[str, float]) -> None:
         state = self.state
