@@ -135,6 +135,8 @@ def lost_after_s() -> float:
         )
         return LOST_AFTER_S
     return value
+
+
 _LOST: list[str] = []  # why the joined cluster was given up, once it was
 _EXIT_WHEN_LOST: list[bool] = [False]
 _ON_LOST: list[Callable[[str], None]] = []  # what a run does then (its result.json says failed)
