@@ -88,6 +88,12 @@ def main() -> None:
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 2)
     print_machine()
+    import importlib.util
+
+    if importlib.util.find_spec("pytorch_lightning") is None:
+        # make bench runs every script: without the bench extra this one has nothing to compare.
+        print("skipped: PyTorch Lightning is not installed (pip install 'raytorch[bench]')")
+        return
     runs: dict[str, list[tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-lightning-") as tmp:
         plan = [
