@@ -26,7 +26,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -439,33 +439,18 @@ def _execute(
     """Run the units left; return (seconds from the pool's start to the first committed unit,
     None when none committed; rows read by this run)."""
     started = time.monotonic()
-    pool = _pool(plan, todo)
-    rows_before = sum(r["rows_read"] for r in records.values())
-    rows_total = plan.source.num_rows
-    units_total = len(plan.units) if plan.units else None
-    tracker = ProgressTracker(rows_total, units_total, rows_before)
-    startup: float | None = None
-    display = PredictDisplay(rows_total, plan.config.progress_interval_s)
     try:
+        pool = _pool(plan, todo)
         ran = _block_records(plan, pool) if todo is None else _unit_records(plan, pool, todo)
         # Closed at once on any error (a progress callback's too): the pool's actors stop then,
         # not when the traceback is collected.
         with contextlib.closing(ran):
-            for rec in ran:
-                records[rec["unit"]] = rec
-                update = tracker.update(rec["rows_read"], len(records), rec.get("rows_rejected", 0))
-                startup = startup if startup is not None else time.monotonic() - started
-                if progress is not None:
-                    progress(update)
-                display.update(update, progress_line(update))
+            return _follow(ran, plan, records, progress, started)
     except Exception as exc:
         found = find_raytorch_error(exc)
         if found is None or found is exc:
             raise
         raise found from exc
-    finally:
-        display.close()
-    return startup, tracker.rows_done - rows_before
 
 
 def _execute_here(
@@ -477,17 +462,32 @@ def _execute_here(
     """Local mode (``concurrency=0``): the units run one after the other in this process, the
     same runner a pool's actor uses; the process's torch thread count is left as it is."""
     started = time.monotonic()
-    rows_before = sum(r["rows_read"] for r in records.values())
-    tracker = ProgressTracker(plan.source.num_rows, len(plan.units or []), rows_before)
-    display = PredictDisplay(plan.source.num_rows, plan.config.progress_interval_s)
     runner = UnitRunner(plan.model, **plan.runner_options())
     table = plan.source.table if plan.source.kind is SourceKind.TABLE else None
-    startup: float | None = None
     logger.info("predicting in this process (local mode) on %s", runner.device)
+    ran = (
+        runner.run_unit(unit, unit_batches(unit, runner.columns, plan.config.batch_size, table))
+        for unit in todo
+    )
+    return _follow(ran, plan, records, progress, started)
+
+
+def _follow(
+    ran: Iterable[dict[str, Any]],
+    plan: _Plan,
+    records: dict[str, dict[str, Any]],
+    progress: Callable[[PredictProgress], None] | None,
+    started: float,
+) -> tuple[float | None, int]:
+    """Record each committed unit as it comes, with the progress display and callback; return
+    (seconds from ``started`` to the first committed unit, or None; rows read by this run)."""
+    rows_before = sum(r["rows_read"] for r in records.values())
+    units_total = len(plan.units) if plan.units else None
+    tracker = ProgressTracker(plan.source.num_rows, units_total, rows_before)
+    display = PredictDisplay(plan.source.num_rows, plan.config.progress_interval_s)
+    startup: float | None = None
     try:
-        for unit in todo:
-            batches = unit_batches(unit, runner.columns, plan.config.batch_size, table)
-            rec = runner.run_unit(unit, batches)
+        for rec in ran:
             records[rec["unit"]] = rec
             update = tracker.update(rec["rows_read"], len(records), rec.get("rows_rejected", 0))
             startup = startup if startup is not None else time.monotonic() - started

@@ -393,6 +393,24 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes | None:
         return bytes(f.read())
 
 
+def read_json_file(path: str | os.PathLike[str]) -> Any:
+    """The value of a JSON file (a local path or a URI), or None when there is no file there.
+    Its type is the caller's to check.
+
+    Raises:
+        CheckpointError: the file is not valid JSON (naming it).
+    """
+    import json
+
+    raw = read_bytes(path)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{os.fspath(path)} is not valid JSON ({exc})") from exc
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write a whole file: atomically on a local path, as one upload on object storage (an
     object appears whole or not at all)."""

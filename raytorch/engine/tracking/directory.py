@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import secrets
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ from raytorch.engine.io import (
     lasting_path,
     read_bytes,
     read_json,
+    read_json_file,
     upload_dir,
     write_json,
 )
@@ -231,13 +231,9 @@ def read_result(run_dir: Path | str) -> dict[str, Any] | None:
         CheckpointError: the file is there but is not a result (corrupt or foreign).
     """
 
-    raw = read_bytes(join(str(run_dir), "result.json"))
-    if raw is None:
+    data = read_json_file(join(str(run_dir), "result.json"))
+    if data is None:
         return None
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise CheckpointError(f"{run_dir}/result.json is not valid JSON ({exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("status"), str):
         raise CheckpointError(f"{run_dir}/result.json is not a raytorch run result (no status)")
     return data

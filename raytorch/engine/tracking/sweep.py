@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from raytorch.core.errors import CheckpointError, JobMismatchError
 from raytorch.core.sweep import TrialStatus, best_trial, sweep_status
-from raytorch.engine.io import join, read_bytes, write_bytes
+from raytorch.engine.io import join, read_bytes, read_json_file, write_bytes
 from raytorch.engine.tracking.directory import read_result
 
 logger = logging.getLogger("raytorch")
@@ -268,13 +268,9 @@ def read_sweep(sweep_dir: str) -> SweepResult | None:
     Raises:
         CheckpointError: the file is there but is not a raytorch sweep summary.
     """
-    raw = read_bytes(join(sweep_dir, SWEEP_FILE))
-    if raw is None:
+    data = read_json_file(join(sweep_dir, SWEEP_FILE))
+    if data is None:
         return None
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise CheckpointError(f"{sweep_dir}/{SWEEP_FILE} is not valid JSON ({exc})") from exc
     if not isinstance(data, dict) or data.get("format") != SWEEP_FORMAT:
         raise CheckpointError(f"{sweep_dir}/{SWEEP_FILE} is not a raytorch sweep summary")
     try:
