@@ -7,7 +7,9 @@ a small zero-CPU actor that a driver thread drains into the ``raytorch`` logger.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -337,7 +339,12 @@ class RayContext(WorkerContext):
             checkpoint = ray.train.get_checkpoint()
             if checkpoint is not None:  # only after a restart: fit() passes no checkpoint
                 self.restart_reason = "a worker was lost; Ray Train restarted the worker group"
-                return Path(checkpoint.to_directory())
+                # A copy of this rank's own: without a path, the ranks of a node share one
+                # download directory, and a rank that comes late downloads again over the files
+                # another rank is reading (a truncated state.pt).
+                local = tempfile.mkdtemp(prefix=f"raytorch-restart-{self.rank}-")
+                atexit.register(shutil.rmtree, local, ignore_errors=True)
+                return Path(checkpoint.to_directory(local))
         if self.resume is None:
             return None
         from raytorch.engine.io import download_dir, is_uri

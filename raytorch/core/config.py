@@ -612,6 +612,13 @@ class TrainerConfig(BaseModel):
                 f"fsdp_kwargs is set but strategy={self.strategy!r}: sharding options apply to "
                 "strategy='fsdp' only; set strategy='fsdp' or remove fsdp_kwargs"
             )
+        offload = self.fsdp_kwargs is not None and self.fsdp_kwargs.cpu_offload
+        if offload and self.gradient_clip_val and self.gradient_clip_algorithm == "norm":
+            problems.append(
+                "fsdp_kwargs.cpu_offload with gradient_clip_val (the 'norm' algorithm) is not "
+                "supported: the norm of gradients kept in host memory would be reduced over the "
+                "GPUs' NCCL group; use gradient_clip_algorithm='value' or cpu_offload=false"
+            )
         if self.strategy == "fsdp" and self.precision == "16-mixed":
             problems.append(
                 "precision='16-mixed' with strategy='fsdp' is not supported: its gradient scaler "

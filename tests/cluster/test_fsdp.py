@@ -40,7 +40,9 @@ def digits():
 def _trainer(root: Path, name: str, **over):
     base = {
         "compute_kwargs": TWO,
-        "loader_kwargs": {"batch_size": 16},  # 160 rows per worker: 10 steps an epoch
+        "loader_kwargs": {"batch_size": 16},  # 160 rows per worker: 10 batches an epoch
+        # 3 micro-batches a step: each epoch's last step takes 1, and syncs it (DDP and FSDP).
+        "accumulate_grad_batches": 3,
         "max_iterations": 40,
         "run_name": name,
     }
@@ -107,7 +109,8 @@ def test_a_killed_rank_resumes_from_the_shards_to_the_same_weights(pair, digits,
     _, fsdp, _ = pair
     train, valid = digits
     marker = tmp_path / "killed"
-    model = flaky_model(str(marker), fail_at=25, how="kill", rank=1, kill_after_s=2.0)
+    # Forward 60 of rank 1 is in step 24 (2.5 micro-batches a step): after the checkpoint at 20.
+    model = flaky_model(str(marker), fail_at=60, how="kill", rank=1, kill_after_s=2.0)
     result = _trainer(tmp_path, "killed", strategy="fsdp", max_failures=1).fit(model, train, valid)
     assert marker.exists() and len(result.restarts) == 1
     assert result.restarts[0]["iteration"] in (10, 20)
@@ -177,7 +180,6 @@ def test_the_recipe_runs_sharded(ray_local, digits, tmp_path):
         fsdp_kwargs={"units": ["torch.nn:Sequential"], "reshard_after_forward": False},
         precision="bf16-mixed",
         gradient_clip_val=0.5,
-        accumulate_grad_batches=2,
         max_iterations=20,
     ).fit(model, train, valid)
     assert result.strategy == "fsdp" and result.stopped_iteration == 20

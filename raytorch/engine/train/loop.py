@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,9 @@ class Loop:
                 )
             return
         method = getattr(self.model, "train_forward_method", "__call__")
+        if method == "forward":
+            # forward() called directly would skip FSDP's gathering hooks; __call__ runs them.
+            self.model.train_forward_method = method = "__call__"
         self.sharded = shard(self.module, self.cfg, self.device, ctx.world_size, method)
         # Sharding registers the custom steps as forward methods: look them up again.
         self.training_step = custom_step(self.module, "training_step")
@@ -233,7 +236,7 @@ class Loop:
             else:
                 self.module.load_state_dict(payload["model"])
                 self.optimizer.load_state_dict(payload["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
+        except (RuntimeError, ValueError, KeyError, *_checkpoint_exceptions()) as exc:
             raise CheckpointError(
                 f"the checkpoint's weights do not fit this model ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0]}); resume with the model the run was started with, or "
@@ -339,16 +342,17 @@ class Loop:
             return same_kind(exc, message)
         return TrainingError(message, exc)
 
-    def train_step(self, batch: Batch) -> bool:
-        """One micro-batch; True when it completed an optimizer step."""
+    def train_step(self, batch: Batch, last_in_epoch: bool = False) -> bool:
+        """One micro-batch; True when it completed an optimizer step (the epoch's last
+        micro-batch completes one, with the micro-batches it has)."""
         try:
-            return self._train_step(batch)
+            return self._train_step(batch, last_in_epoch)
         except TrainingError:
             raise
         except Exception as exc:
             raise self._failure(exc, "train") from exc
 
-    def _train_step(self, batch: Batch) -> bool:
+    def _train_step(self, batch: Batch, last_in_epoch: bool = False) -> bool:
         inputs, targets = self._split(batch)
         outputs = None
         with self.recipe.autocast():
@@ -364,7 +368,7 @@ class Loop:
             else:
                 outputs = self.model.train_forward(inputs)
                 loss = self._loss(outputs, targets)
-        stepped = self.recipe.backward(loss, self.model)
+        stepped = self.recipe.backward(loss, self.model, complete=last_in_epoch)
         if stepped:
             self.recipe.step(self.after_backward)
         self.window.add(loss, count_rows(targets), outputs, targets)
@@ -600,12 +604,12 @@ class Loop:
         # After a resume, the first epoch skips the batches the checkpoint had trained on.
         skip, self.resume_skip = self.resume_skip, 0
         state.step_in_epoch = 0
-        for batch in equal_steps(self.ctx, self.ctx.train_batches(state.epoch)):
+        for batch, last in _flag_last(equal_steps(self.ctx, self.ctx.train_batches(state.epoch))):
             state.step_in_epoch += 1
             if skip:
                 skip -= 1
                 continue
-            stepped = self.train_step(batch)
+            stepped = self.train_step(batch, last)
             rows = count_rows(batch[1] if batch[1] is not None else batch[0])
             state.samples += rows
             if stepped and self._after_step(rows):
@@ -719,6 +723,29 @@ class Loop:
             restarts=state.restarts,
             workers=workers,
         )
+
+
+def _checkpoint_exceptions() -> tuple[type[BaseException], ...]:
+    """torch.distributed.checkpoint's error (a BaseException) where it is loaded."""
+    import sys
+
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    found = getattr(api, "CheckpointException", None)
+    return (found,) if isinstance(found, type) else ()
+
+
+def _flag_last(batches: Iterable[Batch]) -> Iterator[tuple[Batch, bool]]:
+    """``(batch, is_last)``: each batch with whether it ends the epoch (one batch read ahead;
+    every rank reads alike, so collectives inside the reading keep their order)."""
+    iterator = iter(batches)
+    previous = next(iterator, _END)
+    while previous is not _END:
+        current = next(iterator, _END)
+        yield previous, current is _END  # type: ignore[misc]
+        previous = current
+
+
+_END = object()
 
 
 def run_loop(

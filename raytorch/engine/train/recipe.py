@@ -94,13 +94,15 @@ class Recipe:
         dtype = torch.bfloat16 if self.cfg.precision == "bf16-mixed" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def backward(self, loss: torch.Tensor, model: Any) -> bool:
-        """Backward one micro-batch; True when it completes a step (call :meth:`step` then).
+    def backward(self, loss: torch.Tensor, model: Any, complete: bool = False) -> bool:
+        """Backward one micro-batch; True when it completes a step (call :meth:`step` then):
+        the N-th micro-batch, or any one with ``complete`` (an epoch's last).
 
-        Under DDP the micro-batches before the last skip the gradient all-reduce (``no_sync``).
+        Under DDP (and FSDP) the micro-batches before the last skip the gradient sync
+        (``no_sync``); the last one syncs them all, so every rank steps on the same gradients.
         """
         self.micro += 1
-        last = self.micro >= self.accumulate
+        last = self.micro >= self.accumulate or complete
         scaled = loss / self.accumulate if self.accumulate > 1 else loss
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)

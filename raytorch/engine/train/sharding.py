@@ -152,8 +152,12 @@ def shard(
     units = unit_modules(module, opts.units if opts else [])
     reshard = opts.reshard_after_forward if opts else True
     mesh = init_device_mesh(device.type, (world_size,))
+    # Inputs are left as they are (autocast picks each op's dtype, as under DDP): casting them
+    # would round a custom step's float targets to bfloat16.
     policy = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
         if cfg.precision == "bf16-mixed"
         else MixedPrecisionPolicy()
     )
@@ -199,6 +203,8 @@ class Sharded:
             yield
         finally:
             root.set_reshard_after_forward(self.reshard_after_forward)
+            # The root never reshards after forward (its parameters serve the backward at once).
+            root.set_reshard_after_forward(False, recurse=False)
             for m in fsdp:
                 m.reshard()
 
@@ -238,7 +244,7 @@ class Sharded:
         named: Any = get_optimizer_state_dict(self.module, optimizer, options=options)
         if not named:
             return None
-        index = {name: i for i, (name, _) in enumerate(self.module.named_parameters())}
+        index = {name: i for i, name in enumerate(_parameter_names(self.module))}
         return {
             "state": {index[k]: v for k, v in named["state"].items()},
             "param_groups": [
@@ -265,7 +271,7 @@ class Sharded:
             for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
                 group.update({k: v for k, v in saved.items() if k != "params"})
             return
-        names = [name for name, _ in self.module.named_parameters()]
+        names = _parameter_names(self.module)
         named: Any = {
             "state": {names[int(k)]: v for k, v in state["state"].items()},
             "param_groups": [
@@ -320,6 +326,18 @@ class Sharded:
             model_state_dict=state["model"],
             optim_state_dict=state["optim"],
         )
+
+
+# Wrapper modules whose names torch's state-dict helpers leave out of parameter names.
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
+
+
+def _parameter_names(module: torch.nn.Module) -> list[str]:
+    """The parameters' names as torch's state-dict helpers write them, in parameter order."""
+    return [
+        ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+        for name, _ in module.named_parameters()
+    ]
 
 
 def _rank() -> int:

@@ -81,6 +81,10 @@ def test_a_weight_shared_across_units_is_named_and_within_one_unit_allowed():
         ({"precision": "16-mixed"}, r"'16-mixed' with strategy='fsdp' is not supported"),
         ({"strategy": "zero3"}, r"strategy"),
         ({"fsdp_kwargs": {"unit": ["Linear"]}}, r"fsdp_kwargs.unit"),
+        (
+            {"fsdp_kwargs": {"cpu_offload": True}, "gradient_clip_val": 1.0},
+            r"cpu_offload with gradient_clip_val",
+        ),
     ],
 )
 def test_options_fsdp_does_not_take_are_refused_naming_the_field(over, match):
