@@ -236,7 +236,7 @@ class Loop:
             else:
                 self.module.load_state_dict(payload["model"])
                 self.optimizer.load_state_dict(payload["optimizer"])
-        except (RuntimeError, ValueError, KeyError, *_checkpoint_exceptions()) as exc:
+        except _LOAD_ERRORS + _checkpoint_exceptions() as exc:
             raise CheckpointError(
                 f"the checkpoint's weights do not fit this model ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0]}); resume with the model the run was started with, or "
@@ -723,6 +723,10 @@ class Loop:
             restarts=state.restarts,
             workers=workers,
         )
+
+
+# What loading weights that do not fit raises (torch.distributed.checkpoint's: see below).
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, KeyError)
 
 
 def _checkpoint_exceptions() -> tuple[type[BaseException], ...]:
