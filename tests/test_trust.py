@@ -30,7 +30,13 @@ from raytorch.core.errors import (
 from raytorch.core.references import import_checked
 from raytorch.core.stopping import EarlyStopping, Mode, StopReason, default_mode
 from raytorch.engine.model import TorchModel, code_identity
-from raytorch.engine.train import InProcessContext, latest_checkpoint, load_resume, run_loop
+from raytorch.engine.train import (
+    InProcessContext,
+    latest_checkpoint,
+    load_resume,
+    run_loop,
+    write_resume_dir,
+)
 from tests._loop import loop_config
 
 # -- loading never runs code it did not ask for
@@ -292,6 +298,48 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     if (previous / "state.pt").read_bytes() != bytes(state_bytes):
         with pytest.raises(CheckpointError, match=r"is damaged: state\.pt"):
             load_resume(previous)
+
+
+def test_a_sharded_checkpoint_missing_or_with_a_damaged_shard_is_never_resumed(tmp_path, caplog):
+    """FSDP's checkpoints: meta.json lists every shard's size and hash (written by
+    write_resume_dir, as the loop does); one missing, truncated, changed or listed wrongly
+    makes the checkpoint skipped, falling back to an intact one."""
+    from raytorch.engine.train.checkpoints import file_digests
+
+    run = tmp_path / "run"
+    for iteration in (10, 20):
+        local = run / "checkpoints" / f"iter_{iteration:09d}"
+        (local / "shards").mkdir(parents=True)
+        for rank in (0, 1):
+            (local / "shards" / f"__{rank}_0.distcp").write_bytes(bytes([rank]) * 4096)
+        payload = {"format": "raytorch.resume", "iteration": iteration, "epoch": 0}
+        write_resume_dir(local, payload, file_digests(local, "shards"))
+    latest = run / "checkpoints" / "iter_000000020"
+    shard = latest / "shards" / "__1_0.distcp"
+    meta_file = latest / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert sorted(meta["files"]) == ["shards/__0_0.distcp", "shards/__1_0.distcp"]
+    assert latest_checkpoint(run) == str(latest)
+    damages = {
+        "shards/__1_0.distcp is missing": lambda: shard.unlink(),
+        "has 4000 bytes, meta.json says 4096": lambda: shard.write_bytes(b"\1" * 4000),
+        "does not match its recorded checksum": lambda: shard.write_bytes(b"\2" * 4096),
+        "'files' is a list": lambda: meta_file.write_text(json.dumps({**meta, "files": []})),
+        "cannot check (edited?)": lambda: meta_file.write_text(
+            json.dumps({**meta, "files": {"../../etc/passwd": [1, "x"]}})
+        ),
+    }
+    for message, damage in damages.items():
+        damage()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="raytorch"):
+            assert latest_checkpoint(run) == str(run / "checkpoints" / "iter_000000010")
+        assert message in caplog.text, caplog.text
+        with pytest.raises(CheckpointError, match="is damaged"):
+            load_resume(latest)
+        shard.write_bytes(b"\1" * 4096)  # as written again
+        meta_file.write_text(json.dumps(meta))
+        assert latest_checkpoint(run) == str(latest)
 
 
 # -- no false success in batch inference (driver-side checks need no Ray)

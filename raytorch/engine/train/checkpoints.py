@@ -44,12 +44,22 @@ _ITER_PREFIX = "iter_"
 def file_digests(directory: str | os.PathLike[str], sub: str) -> dict[str, list[Any]]:
     """``{"<sub>/<name>": [bytes, sha256]}`` of the files under ``directory/sub``."""
     base = Path(directory)
-    out: dict[str, list[Any]] = {}
-    for file in sorted((base / sub).rglob("*")):
-        if file.is_file():
-            data = file.read_bytes()
-            out[file.relative_to(base).as_posix()] = [len(data), hashlib.sha256(data).hexdigest()]
-    return out
+    return {
+        file.relative_to(base).as_posix(): _digest(file.open("rb"))
+        for file in sorted((base / sub).rglob("*"))
+        if file.is_file()
+    }
+
+
+def _digest(stream: Any) -> list[Any]:
+    """``[bytes, sha256]`` of what a binary stream holds, read in 1 MiB pieces (a shard may be
+    larger than the memory to spare); the stream is closed."""
+    digest, size = hashlib.sha256(), 0
+    with stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return [size, digest.hexdigest()]
 
 
 def write_resume_dir(
@@ -61,15 +71,15 @@ def write_resume_dir(
     ``files`` (from :func:`file_digests`) are the other files the checkpoint must hold."""
     directory = Path(directory)
     save_state(directory / STATE_NAME, payload)
-    data = (directory / STATE_NAME).read_bytes()
+    size, sha256 = _digest((directory / STATE_NAME).open("rb"))
     meta = {
         "format": RESUME_FORMAT,
         "version": RESUME_VERSION,
         "iteration": int(payload["iteration"]),
         "epoch": int(payload["epoch"]),
         # What state.pt must be: a truncated or damaged copy is found before it is resumed from.
-        "state_bytes": len(data),
-        "state_sha256": hashlib.sha256(data).hexdigest(),
+        "state_bytes": size,
+        "state_sha256": sha256,
     }
     if files:
         meta["files"] = dict(files)
@@ -77,50 +87,36 @@ def write_resume_dir(
 
 
 def state_problem(checkpoint: str, meta: Mapping[str, Any]) -> str | None:
-    """Why ``state.pt`` of a checkpoint is not the one its ``meta.json`` recorded, or None."""
+    """Why ``state.pt`` of a checkpoint, or another file its ``meta.json`` lists (the shards),
+    is not the one recorded there, or None."""
     from pyarrow import fs
 
     filesystem, root = resolve(checkpoint)
-    info = filesystem.get_file_info(f"{root}/{STATE_NAME}")
-    if info.type != fs.FileType.File:
+    if filesystem.get_file_info(f"{root}/{STATE_NAME}").type != fs.FileType.File:
         return f"{STATE_NAME} is missing"
-    expected = meta.get("state_bytes")
-    if expected is None:
+    if meta.get("state_bytes") is None:
         return None  # written by an earlier raytorch: load_state still checks the archive
-    if info.size != expected:
-        return f"{STATE_NAME} has {info.size} bytes, {META_NAME} says {expected} (truncated?)"
-    digest = hashlib.sha256(read_bytes(join(checkpoint, STATE_NAME)) or b"").hexdigest()
-    if digest != meta.get("state_sha256"):
-        return f"{STATE_NAME} does not match its recorded checksum (damaged or replaced)"
-    return _files_problem(checkpoint, meta.get("files"))
-
-
-def _files_problem(checkpoint: str, files: Any) -> str | None:
-    """Why the other files ``meta.json`` lists (the shards) are not all there as written."""
-    from pyarrow import fs
-
-    if files is None:
-        return None
-    if not isinstance(files, dict):
+    recorded: dict[str, Any] = {STATE_NAME: [meta["state_bytes"], meta.get("state_sha256")]}
+    files = meta.get("files")
+    if files is not None and not isinstance(files, dict):
         return f"{META_NAME} 'files' is a {type(files).__name__}, not a mapping (edited?)"
-    filesystem, root = resolve(checkpoint)
-    for name, recorded in files.items():
+    recorded.update(files or {})
+    for name, expected in recorded.items():
         if (
             not isinstance(name, str)
             or ".." in name.split("/")
-            or not isinstance(recorded, list)
-            or len(recorded) != 2
+            or not isinstance(expected, list)
+            or len(expected) != 2
         ):
             return (
-                f"{META_NAME} lists a file entry {name!r}: {recorded!r} it cannot check (edited?)"
+                f"{META_NAME} lists a file entry {name!r}: {expected!r} it cannot check (edited?)"
             )
         info = filesystem.get_file_info(f"{root}/{name}")
         if info.type != fs.FileType.File:
             return f"{name} is missing (an incomplete upload of the shards?)"
-        if info.size != recorded[0]:
-            return f"{name} has {info.size} bytes, {META_NAME} says {recorded[0]} (truncated?)"
-        digest = hashlib.sha256(read_bytes(join(checkpoint, name)) or b"").hexdigest()
-        if digest != recorded[1]:
+        if info.size != expected[0]:
+            return f"{name} has {info.size} bytes, {META_NAME} says {expected[0]} (truncated?)"
+        if _digest(filesystem.open_input_stream(f"{root}/{name}"))[1] != expected[1]:
             return f"{name} does not match its recorded checksum (damaged or replaced)"
     return None
 

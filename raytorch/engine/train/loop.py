@@ -265,36 +265,34 @@ class Loop:
         checkpoint_dir = None
         metrics = {"iteration": state.iteration, "epoch": state.epoch, **values}
         every = self.ctx.checkpoint_every
-        if every and state.validations % every == 0 and self.sharded is not None:
-            checkpoint_dir = self._sharded_checkpoint()
-        elif every and state.validations % every == 0:
-            # Every rank's RNG state goes into rank 0's checkpoint (the same validations on all
-            # ranks), so each rank resumes exactly where it was.
-            rng_ranks = self.ctx.all_gather_object(rng_state())
-            if self.ctx.rank == 0:
-                checkpoint_dir = Path(tempfile.mkdtemp(prefix="raytorch-ckpt-"))
-                write_resume_dir(checkpoint_dir, {**self.payload(), "rng_ranks": rng_ranks})
+        if every and state.validations % every == 0:
+            checkpoint_dir = self._checkpoint()
         try:
             self.ctx.report(metrics, checkpoint_dir)
         finally:
             if checkpoint_dir is not None:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
-    def _sharded_checkpoint(self) -> Path:
-        """Each rank writes its shard into a directory of its own (Ray Train merges the ranks'
-        directories into one checkpoint); rank 0 adds ``state.pt`` and ``meta.json``, which
-        records every shard's size and hash: a checkpoint missing a shard is never resumed."""
-        assert self.sharded is not None
-        local = Path(tempfile.mkdtemp(prefix="raytorch-ckpt-"))
-        with_optimizer = self.sharded.save(self.optimizer, local / SHARDS_DIR)
-        gathered = self.ctx.all_gather_object((rng_state(), file_digests(local, SHARDS_DIR)))
+    def _checkpoint(self) -> Path | None:
+        """This validation's resume checkpoint in a local directory (None on a rank that writes
+        nothing). Rank 0 writes ``state.pt`` with every rank's RNG state (the same validations
+        on all ranks), so each rank resumes exactly where it was. Under FSDP each rank also
+        writes its shard into a directory of its own (Ray Train merges the ranks' directories
+        into one checkpoint), and ``meta.json`` records every shard's size and hash: a
+        checkpoint missing a shard is never resumed."""
+        writes = self.sharded is not None or self.ctx.rank == 0
+        local = Path(tempfile.mkdtemp(prefix="raytorch-ckpt-")) if writes else None
+        extra: dict[str, Any] = {}
+        digests: dict[str, list[Any]] = {}
+        if self.sharded is not None:
+            assert local is not None
+            extra["sharded_optimizer"] = self.sharded.save(self.optimizer, local / SHARDS_DIR)
+            digests = file_digests(local, SHARDS_DIR)
+        gathered = self.ctx.all_gather_object((rng_state(), digests))
         if self.ctx.rank == 0:
-            files = {name: digest for _, digests in gathered for name, digest in digests.items()}
-            payload = {
-                **self.payload(),
-                "rng_ranks": [rng for rng, _ in gathered],
-                "sharded_optimizer": with_optimizer,
-            }
+            assert local is not None
+            files = {name: digest for _, each in gathered for name, digest in each.items()}
+            payload = {**self.payload(), "rng_ranks": [rng for rng, _ in gathered], **extra}
             write_resume_dir(local, payload, files)
         return local
 

@@ -19,6 +19,7 @@ import torch
 from raytorch.core.config import TrainerConfig
 from raytorch.core.errors import ConfigError
 from raytorch.core.resolve import resolve_scheduler
+from raytorch.engine.train.sharding import state_bytes
 
 # Precision choices and the device types each one runs on.
 PRECISIONS = {"32": ("cpu", "cuda", "mps"), "bf16-mixed": ("cpu", "cuda"), "16-mixed": ("cuda",)}
@@ -135,8 +136,6 @@ class Recipe:
         else:
             self.optimizer.step()
         if self.state_bytes is None:
-            from raytorch.engine.train.sharding import state_bytes
-
             self.state_bytes = state_bytes(self.module, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.micro = 0

@@ -114,12 +114,25 @@ def sharding_problem(module: torch.nn.Module, cfg: TrainerConfig) -> str | None:
     """Why ``module`` cannot be sharded as ``cfg`` asks, or None (not FSDP: None)."""
     if cfg.strategy != "fsdp":
         return None
-    opts = cfg.fsdp_kwargs
     try:
-        units = unit_modules(module, opts.units if opts else [])
+        _checked_units(module, cfg)
     except ConfigError as exc:
         return str(exc)
-    return sharing_problem(module, units)
+    return None
+
+
+def _checked_units(module: torch.nn.Module, cfg: TrainerConfig) -> list[torch.nn.Module]:
+    """The units ``cfg`` asks for, checked (:func:`unit_modules`, :func:`sharing_problem`).
+
+    Raises:
+        ConfigError: a named class the model lacks, or a parameter shared across units.
+    """
+    opts = cfg.fsdp_kwargs
+    units = unit_modules(module, opts.units if opts else [])
+    problem = sharing_problem(module, units)
+    if problem:
+        raise ConfigError(problem)
+    return units
 
 
 def shard(
@@ -146,10 +159,7 @@ def shard(
     )
 
     opts = cfg.fsdp_kwargs
-    problem = sharding_problem(module, cfg)
-    if problem:
-        raise ConfigError(problem)
-    units = unit_modules(module, opts.units if opts else [])
+    units = _checked_units(module, cfg)
     reshard = opts.reshard_after_forward if opts else True
     mesh = init_device_mesh(device.type, (world_size,))
     # Inputs are left as they are (autocast picks each op's dtype, as under DDP): casting them
@@ -175,14 +185,14 @@ def shard(
     for name in (*FORWARD_METHODS, forward_method):
         if name not in ("__call__", "forward") and callable(getattr(module, name, None)):
             register_fsdp_forward_method(module, name)
-    return Sharded(module, reshard, len(units) + 1)
+    return Sharded(module, reshard)
 
 
 class Sharded:
     """A module sharded by :func:`shard`: what the loop does differently with it."""
 
-    def __init__(self, module: torch.nn.Module, reshard_after_forward: bool, units: int) -> None:
-        self.module, self.reshard_after_forward, self.units = module, reshard_after_forward, units
+    def __init__(self, module: torch.nn.Module, reshard_after_forward: bool) -> None:
+        self.module, self.reshard_after_forward = module, reshard_after_forward
 
     def _fsdp_modules(self) -> list[Any]:
         from torch.distributed.fsdp import FSDPModule
