@@ -309,16 +309,9 @@ def _ids_need_a_pass(source: Source, id_column: str, units: list[Unit]) -> bool:
 
 def _ids_pass(files: list[str], id_column: str) -> None:
     """Every id of the input, once: no value twice (a Ray task's memory, not the driver's)."""
-    import pyarrow.parquet as pq
+    from raytorch.engine.io import read_column
 
-    from raytorch.engine.io import resolve
-
-    chunks = []
-    for path in files:
-        filesystem, local = resolve(path)
-        with filesystem.open_input_file(local) as f:
-            chunks.extend(pq.read_table(f, columns=[id_column]).column(0).chunks)
-    check_id_values(pa.chunked_array(chunks), id_column)
+    check_id_values(read_column(files, id_column), id_column)
 
 
 def _check_ids_across_units(plan: _Plan, local: bool) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -322,11 +322,11 @@ def id_ranges(source: Source, column: str) -> dict[tuple[str, int], tuple[Any, A
     return out
 
 
-def read_column(source: Source, column: str) -> pa.ChunkedArray:
-    """One column of every file of a file source, in order."""
+def read_column(paths: Iterable[str], column: str) -> pa.ChunkedArray:
+    """One column of parquet files (local paths or URIs), in order."""
     chunks = []
-    for file in source.files:
-        filesystem, path = resolve(file.path)
+    for file in paths:
+        filesystem, path = resolve(file)
         with filesystem.open_input_file(path) as f:
             chunks.extend(pq.read_table(f, columns=[column]).column(0).chunks)
     return pa.chunked_array(chunks)
