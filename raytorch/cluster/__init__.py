@@ -10,6 +10,7 @@ from raytorch.core.lazy import face
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from raytorch.cluster.compat import (
+        end_local_ray,
         num_cpus,
         quiet_ray_loggers,
         upload_files,
@@ -46,6 +47,7 @@ __all__, __getattr__, __dir__ = face(
     __name__,
     {
         "compat": [
+            "end_local_ray",
             "num_cpus",
             "quiet_ray_loggers",
             "upload_files",

@@ -84,6 +84,8 @@ class _Drain:
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
+        with contextlib.suppress(Exception):
+            self.channel.release()  # the thread's held drain returns now, not a period later
         self.thread.join()
         self._emit(wait_s=30.0)
 

@@ -75,13 +75,19 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         address = _recorded_or_local()
-    local_env = {}
-    runtime_env = dict(init_kwargs.get("runtime_env") or {})
+    local_env: dict[str, str] = {}
+    worker_env: dict[str, str] = {}  # set over what the environment has, as a runtime env would
+    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
     hook_env = setup_hook_env_var()
     if address == "local":
         # A local instance needs no token; this silences Ray's auth warning.
         local_env["RAY_AUTH_MODE"] = "disabled"
         init_kwargs.setdefault("include_dashboard", False)
+        if set(runtime_env) == {"env_vars"}:
+            # Environment variables alone (a job's PYTHONPATH) go into the environment the
+            # processes of a Ray started here inherit: as a job runtime env they would keep the
+            # job off the idle workers Ray starts with its node (see below).
+            worker_env = {str(k): str(v) for k, v in runtime_env.pop("env_vars").items()}
     if address == "local" and hook_env and "worker_process_setup_hook" not in runtime_env:
         # A Ray started here: its worker processes find the hook in the environment they inherit,
         # so the job needs no runtime env for it. A job with one cannot use the idle workers Ray
@@ -99,7 +105,7 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     else:
         logger.info("joining the Ray at %s", address)
     ours = raising_on_sigterm()
-    with ray_env(), _env(local_env):
+    with ray_env(), _env(local_env), override_env(worker_env):
         ray.init(address=address, **init_kwargs)
     if ours:  # ray.init replaces the SIGTERM handler with one that exits without a word
         raise_on_sigterm()

@@ -354,6 +354,7 @@ class TorchTrainer(TrainerConfig):
             monitor.callbacks.fit_start()
             if monitor.callbacks.failure is not None:
                 raise monitor.callbacks.failure
+            monitor.prepare_plot = not self.local  # this process waits while workers train
             with when_cluster_lost(mark_lost):
                 return launch(
                     model,

@@ -11,7 +11,7 @@ import atexit
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ class ProgressSink:
     def __init__(self) -> None:
         self.lines: dict[str, list[Any]] = {}
         self.answers: dict[str, tuple[str | None, str]] = {}
+        self.released: set[str] = set()  # channels whose fit ended: their drains do not wait
         self.changed: Any = None  # an asyncio.Condition, made in the actor's event loop
 
     def _condition(self) -> Any:
@@ -68,12 +69,30 @@ class ProgressSink:
 
         changed = self._condition()
         async with changed:
-            if not self.lines.get(channel) and wait_s > 0:
+            if not self.lines.get(channel) and wait_s > 0 and channel not in self.released:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(
-                        changed.wait_for(lambda: bool(self.lines.get(channel))), wait_s
+                        changed.wait_for(
+                            lambda: bool(self.lines.get(channel)) or channel in self.released
+                        ),
+                        wait_s,
                     )
+            if wait_s <= 0:  # the driver's last drain of the fit
+                self.released.discard(channel)
             return self.lines.pop(channel, [])
+
+    async def release(self, channel: str) -> None:
+        """The fit on ``channel`` ended: a drain held for it returns now, not at its timeout."""
+        changed = self._condition()
+        async with changed:
+            self.released.add(channel)
+            changed.notify_all()
+
+    async def flush(self) -> None:
+        """Returns once the caller's earlier ``put`` calls are in (a worker's last events reach
+        the sink before its task returns, and so before the driver's last drain)."""
+        async with self._condition():
+            pass
 
     async def decide(self, ask: str, stop_reason: str | None, message: str) -> None:
         changed = self._condition()
@@ -108,6 +127,14 @@ class Channel:
         """An object ref of the lines waiting (taken from the sink), once some are there or
         ``wait_s`` has passed."""
         return self.sink.drain.remote(self.key, wait_s)
+
+    def release(self) -> None:
+        self.sink.release.remote(self.key)
+
+    def flush(self) -> None:
+        import ray
+
+        ray.get(self.sink.flush.remote())
 
     def decide(self, ask: str, stop_reason: str | None, message: str) -> None:
         self.sink.decide.remote(ask, stop_reason, message)
@@ -399,7 +426,20 @@ def task_main(
 ) -> LoopResult:
     ctx = RayContext(cfg, shards, seed, sink, run_dir=run_dir, resume=resume, decides=decides)
     ctx.restart_reason = restart_reason
-    return run_loop(model, cfg, ctx, seed)
+    with _flushed(sink):
+        return run_loop(model, cfg, ctx, seed)
+
+
+@contextlib.contextmanager
+def _flushed(sink: Channel | None) -> Iterator[None]:
+    """The worker's events all in the sink when the block ends (the driver's last drain of the
+    fit then finds them), however it ends."""
+    try:
+        yield
+    finally:
+        if sink is not None:
+            with contextlib.suppress(Exception):
+                sink.flush()
 
 
 def train_main(config: dict[str, Any]) -> LoopResult | None:
@@ -423,5 +463,6 @@ def train_main(config: dict[str, Any]) -> LoopResult | None:
         resume=config.get("resume"),
         decides=bool(config.get("decides")),
     )
-    result = run_loop(config["model"], config["cfg"], ctx, config["seed"])
+    with _flushed(config["sink"]):
+        result = run_loop(config["model"], config["cfg"], ctx, config["seed"])
     return result if rank == 0 else None

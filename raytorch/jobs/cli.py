@@ -279,17 +279,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run() -> None:
     """The ``raytorch`` command itself (``python -m raytorch`` too): :func:`main`, then the
     process ends at once. Everything the command writes is written and flushed by then; what
-    is left is Ray's shutdown and the interpreter's teardown (2-4 s on 2 cores), which a local
-    Ray started here does not need: its processes share this process's fate and end with it.
+    is left is Ray's shutdown and the interpreter's teardown (2-4 s on 2 cores). A local Ray
+    started here is ended in milliseconds (:func:`raytorch.cluster.end_local_ray`: its processes
+    signalled and reaped, so none outlives the command); a joined cluster is left as it is.
     """
     code = main()
     if "ray" in sys.modules:
         import ray
 
         if ray.is_initialized():
+            from raytorch.cluster import end_local_ray
+
             logging.shutdown()
             sys.stdout.flush()
             sys.stderr.flush()
+            if not end_local_ray():
+                ray.shutdown()
             os._exit(code)
     sys.exit(code)
 

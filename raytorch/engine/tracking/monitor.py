@@ -44,6 +44,9 @@ class TrainMonitor:
             callbacks,
             answer,
         )
+        # Set by a driver that waits while Ray workers train: the first validation (the
+        # workers are past their start-up) starts loading the learning curve's plotting code.
+        self.prepare_plot = False
 
     def handle(self, event: Any) -> None:
         if isinstance(event, str):
@@ -61,6 +64,11 @@ class TrainMonitor:
                 self._line(str(event.get("line", "")))
             if self.loggers is not None:
                 self.loggers.validation(int(event["iteration"]), values)
+            if self.prepare_plot:
+                from raytorch.engine.tracking.curve import prepare_plotting
+
+                self.prepare_plot = False
+                prepare_plotting()
         elif kind == "step":
             if self.display is not None:
                 self.display.step(event)
