@@ -446,10 +446,8 @@ def test_a_failing_data_function_names_the_field(ray_local, tmp_path, capsys):
     assert "data.train.function='broken:load' raised FileNotFoundError: the bucket moved" in err
 
 
-def test_a_corrupt_page_of_training_data_names_the_input(ray_local, tmp_path):
-    """The footer reads well (opening the source passes); a page behind it does not."""
-    from raytorch.core.errors import DataError
-
+def _corrupt_training_folder(tmp_path: Path) -> tuple[Path, list[dict]]:
+    """A folder of one parquet file whose footer reads well and whose second page does not."""
     train, valid = digits_rows(200)
     table = pa.table(
         {
@@ -465,6 +463,32 @@ def test_a_corrupt_page_of_training_data_names_the_input(ray_local, tmp_path):
     data = bytearray(path.read_bytes())
     data[offset : offset + 20] = b"\xff" * 20  # the page header
     path.write_bytes(bytes(data))
+    return folder, valid
+
+
+def test_a_corrupt_page_of_training_data_names_the_input(ray_local, tmp_path):
+    """The footer reads well (opening the source passes); a page behind it does not."""
+    from raytorch.core.errors import DataError
+
+    folder, valid = _corrupt_training_folder(tmp_path)
     with pytest.raises(DataError, match=r"train_data: 1 parquet file\(s\) under .*train could not"):
         small_trainer(tmp_path, "t", max_iterations=2).fit(mlp(), str(folder), valid)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_corrupt_page_of_streamed_training_data_names_the_input_and_its_cause(
+    ray_local, tmp_path
+):
+    """Streamed, the pages are read by the workers only (the driver reads footers): the run
+    fails there, naming the input and the cause, not Ray Data's wrapping."""
+    from raytorch.core.errors import DataError
+
+    folder, valid = _corrupt_training_folder(tmp_path)
+    trainer = small_trainer(tmp_path, "t", max_iterations=20, data_prefetch=True)
+    with pytest.raises(DataError) as caught:
+        trainer.fit(mlp(), str(folder), valid)
+    message = str(caught.value)
+    assert "train_data: 1 parquet file(s) under" in message and "could not be read" in message
+    assert "(OSError: Couldn't deserialize thrift" in message and "DataContext" not in message
+    (result,) = (tmp_path / "runs").glob("*/result.json")
+    assert json.loads(result.read_text())["status"] == "failed"

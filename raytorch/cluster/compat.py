@@ -169,6 +169,78 @@ def end_local_ray(timeout_s: float = 3.0) -> bool:
     return True
 
 
+def _private_log_dispatcher() -> Any | None:
+    """Ray's dispatcher of the log lines its processes send to the driver."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return None
+    return dispatcher if isinstance(getattr(dispatcher, "handlers", None), list) else None
+
+
+# Lines Ray's own processes send to the driver in a healthy run (Ray 2.60), by the process that
+# sends them: the GCS logs an ERROR when an actor it kills has already exited, as Ray Data's and
+# Ray Train's actors do at the end of a dataset or a fit.
+_NOISE_LINES = {"gcs_server": ("Failed to kill actor", "Socket closed")}
+# A traceback of Ray Data's file-listing thread, interrupted when its dataset's iteration ends.
+_NOISE_TRACEBACK = ("Exception in thread ", "completion-signaler", "InterruptedError")
+
+
+def _drop_noise(pid: Any, lines: list[str]) -> list[str]:
+    """``lines`` without the noise above: every other line kept, in order."""
+    needles = _NOISE_LINES.get(str(pid))
+    if needles:
+        lines = [line for line in lines if not all(n in line for n in needles)]
+    start, ending, last = _NOISE_TRACEBACK
+    kept: list[str] = []
+    block: list[str] = []
+    for line in lines:
+        if not block and line.startswith(start) and ending in line:
+            block.append(line)
+        elif block:
+            block.append(line)
+            if line and not line[0].isspace() and not line.startswith("Traceback"):
+                if line.strip() != last:  # another error: shown whole
+                    kept += block
+                block = []
+        else:
+            kept.append(line)
+    return kept + block
+
+
+class _QuietLogs:
+    """Ray's handler of the driver's log lines, less the noise of a healthy run."""
+
+    def __init__(self, handler: Callable[[Any], None]) -> None:
+        self.handler = handler
+
+    def __call__(self, data: Any) -> None:
+        lines = data.get("lines") if isinstance(data, dict) else None
+        if isinstance(lines, list) and all(isinstance(line, str) for line in lines):
+            kept = _drop_noise(data.get("pid"), lines)
+            if not kept:
+                return
+            if len(kept) != len(lines):
+                data = {**data, "lines": kept}
+        self.handler(data)
+
+
+def quiet_driver_logs() -> None:
+    """Drop the lines of Ray's processes that are noise in a healthy run (``_NOISE_LINES``,
+    ``_NOISE_TRACEBACK``) before Ray prints them on this driver; once per Ray session, and not
+    with the ``raytorch`` logger at DEBUG."""
+    dispatcher = _private_log_dispatcher()
+    if dispatcher is None or _showing_ray():
+        return
+    with dispatcher._lock:
+        dispatcher.handlers = [
+            (name, handler)
+            if name != "ray_print_logs" or isinstance(handler, _QuietLogs)
+            else (name, _QuietLogs(handler))
+            for name, handler in dispatcher.handlers
+        ]
+
+
 def private_apis() -> dict[str, bool]:
     """Which private Ray APIs this Ray still has (False: raytorch runs on the fallback)."""
     return {
@@ -179,6 +251,9 @@ def private_apis() -> dict[str, bool]:
         "the worker setup hook's environment variable": setup_hook_env_var() is not None,
         "the node this process started (ray._private.worker._global_node)": (
             _private_node_module() is not None
+        ),
+        "the driver's log dispatcher (ray._private.ray_logging)": (
+            _private_log_dispatcher() is not None
         ),
     }
 
@@ -295,6 +370,35 @@ def quiet_dataset(dataset: Any) -> Any:
     quiet = copy(dataset, _deep_copy=True)
     _quiet_context(quiet.context)
     return quiet
+
+
+@contextlib.contextmanager
+def parquet_reader() -> Iterator[None]:
+    """Ray Data's first parquet reader (``use_datasource_v2 = False``) for the
+    ``ray.data.read_parquet`` calls of the block, where this Ray has the choice and the user has
+    not made it (``RAY_DATA_USE_DATASOURCE_V2``).
+
+    Ray 2.60's new reader lists the files again in every epoch, each time through 32 new
+    ``FooterReader`` actor processes (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``) that it then
+    kills: on 2 cores ``jobs/train_images.yaml`` trained 3.5x slower with it (37.6 s against
+    10.8 s), Ray warned that 8 worker processes had started at once, and the GCS logged an
+    error for every actor that had exited before its kill. raytorch has read the footers
+    already; the first reader reads each file's metadata once, when the dataset is made.
+    """
+    ctx = _data_context()
+    if (
+        ctx is None
+        or not isinstance(getattr(ctx, "use_datasource_v2", None), bool)
+        or "RAY_DATA_USE_DATASOURCE_V2" in os.environ
+    ):
+        yield
+        return
+    saved = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        yield
+    finally:
+        ctx.use_datasource_v2 = saved
 
 
 def quiet_ray_data_here(import_it: bool = True) -> None:

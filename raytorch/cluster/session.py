@@ -68,9 +68,10 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     """
     import ray
 
-    from raytorch.cluster.compat import setup_hook_env_var
+    from raytorch.cluster.compat import quiet_driver_logs, setup_hook_env_var
 
     if ray.is_initialized():
+        quiet_driver_logs()
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
@@ -109,6 +110,7 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         ray.init(address=address, **init_kwargs)
     if ours:  # ray.init replaces the SIGTERM handler with one that exits without a word
         raise_on_sigterm()
+    quiet_driver_logs()
     if address != "local" and not str(address).startswith("ray://"):
         gcs = getattr(ray.get_runtime_context(), "gcs_address", None)
         if gcs:

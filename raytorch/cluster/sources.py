@@ -11,13 +11,14 @@ streaming, the dataset Ray Train splits.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from raytorch.cluster.compat import quiet_dataset
+from raytorch.cluster.compat import parquet_reader, quiet_dataset
 from raytorch.core.errors import DataError, find_raytorch_error
 from raytorch.core.layout import Layout
 from raytorch.core.source import Source, SourceKind
@@ -56,7 +57,7 @@ def to_dataset(source: Source) -> ray.data.Dataset:
         return source.dataset
     if source.kind is SourceKind.TABLE:
         return quiet_dataset(ray.data.from_arrow(source.table))
-    with reading(source):
+    with reading(source), parquet_reader():
         return quiet_dataset(ray.data.read_parquet([f.path for f in source.files]))
 
 
@@ -73,11 +74,23 @@ def reading(source: Source) -> Iterator[None]:
             raise found from exc  # a row map's own error (a transform that failed on a row)
         if found is not None or source.kind is not SourceKind.FILES:
             raise
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"{source.field}: {source.describe()} could not be read ({first[:300]}); a file is "
-            "truncated, corrupt or was removed: write it again, or move it out of the input"
+            f"{source.field}: {source.describe()} could not be read ({_cause_line(exc)}); a file "
+            "is truncated, corrupt or was removed: write it again, or move it out of the input"
         ) from exc
+
+
+# The line of a traceback that names the exception ("OSError: Couldn't deserialize thrift").
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Invalid):")
+
+
+def _cause_line(exc: BaseException) -> str:
+    """The cause of a read failure in one line: the last exception line of Ray's text (not its
+    advice on retries, which comes after), printable, at most 300 characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    line = (named or lines or [type(exc).__name__])[-1]
+    return "".join(c if c.isprintable() else "?" for c in line)[:300]
 
 
 class TableRows:
@@ -122,8 +135,18 @@ class TableRows:
 class DatasetRows:
     """Rows read, mapped and split by Ray Data."""
 
-    def __init__(self, dataset: ray.data.Dataset, source: Source) -> None:
+    def __init__(
+        self,
+        dataset: ray.data.Dataset,
+        source: Source,
+        unmapped: ray.data.Dataset | None = None,
+        rows: int | None = None,
+    ) -> None:
         self.ds, self.source = dataset, source
+        # The same rows before a per-row map (one row out per row in), and their number where
+        # known (the footers of a whole file source): counted without a pass of the pipeline.
+        self.unmapped = dataset if unmapped is None else unmapped
+        self.rows = rows
 
     def holdout(self, fraction: float, seed: int | None) -> tuple[DatasetRows, DatasetRows]:
         """Split off ``fraction`` of the rows for validation, the same rows for the same seed."""
@@ -132,11 +155,13 @@ class DatasetRows:
 
     def select(self, columns: list[str], row_map: RowMap | None) -> DatasetRows:
         ds = self.ds.map(row_map) if row_map is not None else self.ds.select_columns(columns)
-        return DatasetRows(ds, self.source)
+        return DatasetRows(ds, self.source, self.unmapped, self.rows)
 
     def count(self) -> int:
+        if self.rows is not None:
+            return self.rows
         with reading(self.source):
-            return int(self.ds.count())
+            return int(self.unmapped.count())
 
     def parts(self, n: int, count: int) -> list[list[Any]]:
         """``n`` exact, disjoint, contiguous parts covering every row (no drop, no duplicate),
@@ -167,7 +192,7 @@ def rows_of(source: Source, local: bool, here: bool = False) -> Rows:
         return TableRows(read_table(source, list(source.columns)), source, here=True)
     if local and source.kind is SourceKind.TABLE:
         return TableRows(source.table, source)
-    return DatasetRows(to_dataset(source), source)
+    return DatasetRows(to_dataset(source), source, rows=source.num_rows)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from raytorch.core.errors import ClusterLostError, ConfigError, DataError, Model
 from raytorch.core.progress import show_progress
 from raytorch.core.resolve import resolve_callable
 from raytorch.core.resources import WorkerPlan
-from raytorch.core.source import Source
+from raytorch.core.source import Source, SourceKind
 from raytorch.engine.io import RowMap, check_source, check_stores, open_source
 from raytorch.engine.tracking import (
     RunStatus,
@@ -314,8 +314,13 @@ class TorchTrainer(TrainerConfig):
         layout, as_dict = self.layout(), _train_forward_as_dict(model)
         # One data seed for the whole group, drawn here when the run is unseeded.
         data_seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+        streamed = (
+            sources.train if self.streaming and sources.train.kind is SourceKind.FILES else None
+        )
         shards = [
-            ShardSpec(layout, as_dict, self.streaming, data.train[i], data.valid[i], data_seed)
+            ShardSpec(
+                layout, as_dict, self.streaming, data.train[i], data.valid[i], data_seed, streamed
+            )
             for i in range(n)
         ]
         storage = storage_root(self.storage_path)

@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from raytorch.cluster.compat import quiet_ray_data_here
+from raytorch.cluster.sources import reading
 from raytorch.core.config import TrainerConfig
 from raytorch.core.layout import Layout
 from raytorch.core.resolve import resolve_callable
+from raytorch.core.source import Source
 from raytorch.engine.io import check_finite
 from raytorch.engine.train import Batch, LoopResult, TensorBatches, WorkerContext, run_loop
 
@@ -190,6 +192,9 @@ class ShardSpec:
     train: Any
     valid: Any  # this rank's exact part of the validation rows: refs of Arrow tables, a Download
     data_seed: int | None = None  # drawn once on the driver when the run is unseeded
+    # The streamed training files (their failures to read named as the input's, as the
+    # driver names them): the driver reads their footers only, the workers their pages.
+    train_source: Source | None = None
 
 
 class RayContext(WorkerContext):
@@ -279,6 +284,10 @@ class RayContext(WorkerContext):
                 self._train_data, opts.batch_size, opts.shuffle, opts.drop_last, seed, epoch
             )
         buffer = self.cfg.prefetch_size if opts.shuffle and self.cfg.prefetch_size else None
+        return _named(self._streamed(epoch, seed, buffer), self.shards.train_source)
+
+    def _streamed(self, epoch: int, seed: int | None, buffer: int | None) -> Iterable[Batch]:
+        opts = self.cfg.loader_kwargs
         return self.shards.train.iter_torch_batches(
             batch_size=opts.batch_size,
             prefetch_batches=self.cfg.prefetch_factor,
@@ -428,6 +437,16 @@ def task_main(
     ctx.restart_reason = restart_reason
     with _flushed(sink):
         return run_loop(model, cfg, ctx, seed)
+
+
+def _named(batches: Iterable[Batch], source: Source | None) -> Iterator[Batch]:
+    """``batches``, with Ray Data's failure to read ``source`` raised as a DataError naming
+    it (a corrupt page, a file removed since the run started)."""
+    if source is None:
+        yield from batches
+        return
+    with reading(source):
+        yield from batches
 
 
 @contextlib.contextmanager

@@ -52,6 +52,54 @@ def test_the_worker_hook_silences_the_progress_notice_and_the_deprecation(caplog
     assert caplog.messages == ["a real problem"]
 
 
+_LISTING_TRACEBACK = [
+    "Exception in thread pool-18/completion-signaler:",
+    "Traceback (most recent call last):",
+    '  File ".../ray/data/_internal/dynamic_work_queue.py", line 180, in _signal_completion',
+    "    pool.work_queue.put(SENTINEL)",
+    "InterruptedError",
+]
+
+
+def test_a_healthy_runs_ray_noise_is_dropped_from_the_driver_and_nothing_else():
+    from raytorch.cluster.compat import _QuietLogs
+
+    shown: list[dict] = []
+    quiet = _QuietLogs(shown.append)
+    kill = (
+        "[2026-12-06 13:18:28,744 E 25181 25181] (gcs_server) gcs_actor_scheduler.cc:538: Failed "
+        "to kill actor cb80, return status: Invalid: KillActor RPC failed for actor cb80: "
+        "RpcError: RPC error: Socket closed rpc_code: 14"
+    )
+    quiet({"pid": "gcs_server", "is_err": True, "lines": [kill]})
+    quiet({"pid": 29711, "is_err": True, "lines": ["before", *_LISTING_TRACEBACK, "after"]})
+    # The same lines from another process, another error of that thread, a real GCS error.
+    other_error = [*_LISTING_TRACEBACK[:-1], "OSError: [Errno 28] No space left on device"]
+    quiet({"pid": 7, "is_err": True, "lines": [kill]})
+    quiet({"pid": 29711, "is_err": True, "lines": other_error})
+    quiet({"pid": "gcs_server", "is_err": True, "lines": ["Failed to kill actor x: Timeout"]})
+    quiet({"pid": 8, "is_err": False, "lines": _LISTING_TRACEBACK[:2]})  # cut: shown
+    assert [d["lines"] for d in shown] == [
+        ["before", "after"],
+        [kill],
+        other_error,
+        ["Failed to kill actor x: Timeout"],
+        _LISTING_TRACEBACK[:2],
+    ]
+    assert shown[0]["pid"] == 29711 and shown[0]["is_err"]
+
+
+def test_the_driver_log_filter_wraps_rays_printer_once(ray_local):
+    from raytorch.cluster.compat import _private_log_dispatcher, _QuietLogs, quiet_driver_logs
+
+    dispatcher = _private_log_dispatcher()
+    quiet_driver_logs()
+    quiet_driver_logs()
+    printers = [h for name, h in dispatcher.handlers if name == "ray_print_logs"]
+    assert len(printers) == 1 and isinstance(printers[0], _QuietLogs)
+    assert not isinstance(printers[0].handler, _QuietLogs)
+
+
 def test_every_private_ray_api_is_still_where_raytorch_looks(monkeypatch):
     """A Ray upgrade that moves one fails here, while users run on its fallback."""
     from raytorch.cluster.compat import private_apis, train_start_timeout

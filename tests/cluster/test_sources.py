@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raytorch.cluster.sources import DatasetRows, TableRows, to_dataset
+from raytorch.cluster.sources import DatasetRows, TableRows, _cause_line, rows_of, to_dataset
 from raytorch.core.errors import DataError
 from raytorch.engine.io import check_source, open_source, tables_to_tensors
 
@@ -30,3 +30,33 @@ def test_sources_to_datasets_and_exact_shards(ray_local, tmp_path):
         parts = [tables_to_tensors(ray_local.get(refs))["y"] for refs in rows.parts(3, 10)]
         assert [len(p) for p in parts] == [3, 3, 4]
         assert sorted(torch.cat(parts).tolist()) == list(range(10))
+
+
+def _fails(row: dict) -> dict:
+    raise ValueError("a row map that fails on every row")
+
+
+def test_rows_are_counted_from_the_footers_without_a_pass_of_the_pipeline(ray_local, tmp_path):
+    """Counting the mapped rows of a file source runs nothing (the map is one row per row): a
+    streamed training set is not read once more before training."""
+    table = pa.table({"x": np.arange(10, dtype=np.float32), "y": np.arange(10)})
+    pq.write_table(table, tmp_path / "d.parquet")
+    source = open_source(str(tmp_path / "d.parquet"), "train_data")
+    mapped = rows_of(source, local=False).select(["x", "y"], _fails)
+    assert mapped.count() == 10
+    with pytest.raises(Exception, match="fails on every row"):
+        mapped.dataset().materialize()
+    # A held-out part is counted by Ray Data (its size is not in any footer).
+    train, valid = rows_of(source, local=False).holdout(0.3, seed=0)
+    assert train.count() + valid.count() == 10 and valid.count() == 3
+
+
+def test_a_read_failure_is_told_by_its_exception_line_not_rays_advice():
+    text = (
+        "ray::ReadParquet()\n  File ...\nOSError: Couldn't deserialize thrift: \x0f\n"
+        "Deserializing page header failed.\n\nFailed to reading batches after 1/10 attempts.\n"
+        "To change retry attempts, configure `ray.data.DataContext.get_current()`"
+    )
+    assert _cause_line(RuntimeError(text)) == "OSError: Couldn't deserialize thrift: ?"
+    assert _cause_line(RuntimeError("just one line")) == "just one line"
+    assert _cause_line(RuntimeError("")) == "RuntimeError"
