@@ -139,9 +139,10 @@ def test_import_raytorch_the_worker_hook_and_a_quiet_block_import_neither_torch_
 
 
 def test_a_local_ray_raytorch_starts_runs_its_hook_without_a_runtime_env():
-    """The setup hook runs in every worker (Ray Train's loggers quieted), yet the job has no
-    runtime env: with one, Ray's own idle workers (started with the node, for jobs without one)
-    could not take its tasks, and every worker process would start through an extra interpreter.
+    """The setup hook runs in every worker (Ray Train's loggers quieted) and the job's env vars
+    are set there, yet the job has no runtime env: with one, Ray's own idle workers (started
+    with the node, for jobs without one) could not take its tasks, and every worker process
+    would start through an extra interpreter.
 
     In the same Ray (one start, to spare seconds): a predict over parquet runs on raytorch's own
     pool, and the driver never imports Ray Data (0.5 s) for it."""
@@ -153,25 +154,26 @@ def test_a_local_ray_raytorch_starts_runs_its_hook_without_a_runtime_env():
         "    return boot + ticks / os.sysconf('SC_CLK_TCK')\n"
         "from raytorch.cluster.session import ensure_ray\n"
         "os.environ['RAY_ADDRESS'] = 'local'\n"
-        "ensure_ray(num_cpus=2)\n"
+        "ensure_ray(num_cpus=2, runtime_env={'env_vars': {'RT_JOB_VAR': 'seen'}})\n"
         "time.sleep(3)\n"
         "@ray.remote(num_cpus=1)\n"
         "def where():\n"
         "    import logging\n"
         "    env = dict(ray.get_runtime_context().runtime_env)\n"
         "    quiet = logging.getLogger('ray.train').level == logging.WARNING\n"
-        "    return os.getpid(), 'torch' in sys.modules, env, quiet\n"
+        "    return os.getpid(), 'torch' in sys.modules, env, quiet, os.environ['RT_JOB_VAR']\n"
         "submitted = time.time()\n"
-        "pid, torch_loaded, env, quiet = ray.get(where.remote())\n"
+        "pid, torch_loaded, env, quiet, var = ray.get(where.remote())\n"
         "import pyarrow as pa, pyarrow.parquet as pq, tempfile, torch, raytorch\n"
         "model = raytorch.TorchModel('m', object=torch.nn.Linear(2, 1))\n"
         "tmp = tempfile.mkdtemp()\n"
         "pq.write_table(pa.table({'x': [[1.0, 2.0], [3.0, 4.0]]}), tmp + '/in.parquet')\n"
         "s = raytorch.predict(model, tmp + '/in.parquet', tmp + '/out', key='x', concurrency=1)\n"
         "data = 'ray.data' in sys.modules\n"
-        "print(started(pid) < submitted - 1, torch_loaded, env, quiet, s.rows_written, data)\n"
+        "print(started(pid) < submitted - 1, torch_loaded, env, var, quiet, s.rows_written, data)\n"
     )
-    assert _run(code) == "True False {} True 2 False"
+    # A job's env vars (a job file's PYTHONPATH) reach the workers through their environment.
+    assert _run(code) == "True False {} seen True 2 False"
 
 
 def test_a_users_dataset_runs_quiet_in_raytorch_and_keeps_its_own_settings(ray_local):

@@ -363,10 +363,15 @@ def test_stores_checked_once_are_not_checked_again_inside_the_block(s3, monkeypa
     from raytorch.core.errors import StorageError
     from raytorch.engine.io import check_store, stores_checked
 
-    with stores_checked(data=["s3://bkt/a"]):
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # now dead
-        check_store("s3://bkt/a", "data")  # checked on entry: no request now
-        with pytest.raises(StorageError, match="cannot be reached"):
-            check_store("s3://bkt/b", "data")  # any other URI is checked
-    with pytest.raises(StorageError, match="cannot be reached"):
-        check_store("s3://bkt/a", "data")  # and after the block, this one again
+    endpoint = s3["AWS_ENDPOINT_URL"]
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/gone", method="PUT"), timeout=10)
+    with stores_checked(data=["s3://gone/a"]):
+        # The bucket goes away: a check of the URI checked on entry makes no request now.
+        urllib.request.urlopen(
+            urllib.request.Request(f"{endpoint}/gone", method="DELETE"), timeout=10
+        )
+        check_store("s3://gone/a", "data")
+        with pytest.raises(StorageError, match="bucket 'gone' does not exist"):
+            check_store("s3://gone/b", "data")  # any other URI is checked
+    with pytest.raises(StorageError, match="bucket 'gone' does not exist"):
+        check_store("s3://gone/a", "data")  # and after the block, this one again
