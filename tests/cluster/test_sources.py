@@ -60,3 +60,35 @@ def test_a_read_failure_is_told_by_its_exception_line_not_rays_advice():
     assert _cause_line(RuntimeError(text)) == "OSError: Couldn't deserialize thrift: ?"
     assert _cause_line(RuntimeError("just one line")) == "just one line"
     assert _cause_line(RuntimeError("")) == "RuntimeError"
+
+
+def _operators(dataset) -> list[str]:
+    """The names of a dataset's logical operators (Ray's plan: a private structure)."""
+    names, todo = [], [dataset._logical_plan.dag]
+    while todo:
+        op = todo.pop()
+        names.append(op.name)
+        todo += list(op.input_dependencies)
+    return names
+
+
+def test_parquet_paths_are_read_without_a_file_listing_in_every_epoch(
+    ray_local, tmp_path, monkeypatch
+):
+    """Ray 2.60's new parquet reader lists the files again in every epoch, through 32 actor
+    processes it starts and kills each time; raytorch's own paths use the first reader, unless
+    the user chose (RAY_DATA_USE_DATASOURCE_V2), and Ray's context is left as it was."""
+    from ray.data import DataContext
+
+    pq.write_table(pa.table({"x": [1.0, 2.0]}), tmp_path / "a.parquet")
+    source = open_source(str(tmp_path / "a.parquet"), "train_data")
+    before = DataContext.get_current().use_datasource_v2
+    operators = _operators(to_dataset(source))
+    assert "ListFiles" not in operators and "ReadParquet" in operators
+    assert DataContext.get_current().use_datasource_v2 == before
+    monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", "1")
+    DataContext.get_current().use_datasource_v2 = True
+    try:
+        assert "ListFiles" in _operators(to_dataset(source))
+    finally:
+        DataContext.get_current().use_datasource_v2 = before
