@@ -44,7 +44,7 @@ def test_a_run_whose_cluster_goes_away_ends_naming_the_cause(tmp_path):
             stderr=subprocess.PIPE,
             text=True,
             # Given up after 5 s of silence, not the default 15: the same path, sooner.
-            env=_env(RAYTORCH_PROGRESS="plain", RAYTORCH_CLUSTER_LOST_AFTER_S="5"),
+            env=_env(RAYTORCH_PROGRESS="plain", RAYTORCH_CLUSTER_LOST_AFTER_S="3"),
         )
         checkpoints = runs / "lost" / "checkpoints"
         deadline = time.monotonic() + 120
@@ -56,7 +56,7 @@ def test_a_run_whose_cluster_goes_away_ends_naming_the_cause(tmp_path):
     finally:
         head.stop()
     assert proc.returncode == 1, err
-    assert "stopped answering (nothing for 5 s" in err and f":{head.port} " in err, err
+    assert "stopped answering (nothing for 3 s" in err and f":{head.port} " in err, err
     result = json.loads((runs / "lost" / "result.json").read_text())
     assert result["status"] == "failed" and "ClusterLostError" in result["error"]
     assert any(checkpoints.glob("iter_*"))

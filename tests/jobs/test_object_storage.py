@@ -301,18 +301,16 @@ def test_storage_errors_name_the_field_the_uri_and_the_cause(s3, monkeypatch):
         with pytest.raises(StorageError, match=r"data='s3://bkt/x': access denied .*credentials"):
             check_store("s3://bkt/x", "data")
 
+    # An endpoint nobody answers (the SDK's retries take about 6 s): the CLI checks the job's
+    # stores before starting Ray, and exits 2 with the sentence.
     closed = f"http://127.0.0.1:{_free_port()}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
-    started = time.monotonic()
-    with pytest.raises(StorageError, match=rf"the object store at {closed} cannot be reached"):
-        check_store("s3://bkt/x", "output")
-    print(f"unreachable endpoint reported after {time.monotonic() - started:.1f} s")
-
-    # The CLI checks the job's stores before starting Ray, and exits 2 with the sentence.
     done = _cli({**s3, "AWS_ENDPOINT_URL": closed}, "train", "jobs/train_digits.yaml",
                 "trainer.storage_path=s3://bkt/runs")  # fmt: skip
     assert done.returncode == 2
-    assert f"trainer.storage_path='s3://bkt/runs': the object store at {closed}" in done.stderr
+    assert (
+        f"trainer.storage_path='s3://bkt/runs': the object store at {closed} cannot be reached"
+        in done.stderr
+    )
     assert "starting a local Ray" not in done.stdout + done.stderr
 
 
