@@ -284,11 +284,7 @@ class RayContext(WorkerContext):
                 self._train_data, opts.batch_size, opts.shuffle, opts.drop_last, seed, epoch
             )
         buffer = self.cfg.prefetch_size if opts.shuffle and self.cfg.prefetch_size else None
-        return _named(self._streamed(epoch, seed, buffer), self.shards.train_source)
-
-    def _streamed(self, epoch: int, seed: int | None, buffer: int | None) -> Iterable[Batch]:
-        opts = self.cfg.loader_kwargs
-        return self.shards.train.iter_torch_batches(
+        streamed = self.shards.train.iter_torch_batches(
             batch_size=opts.batch_size,
             prefetch_batches=self.cfg.prefetch_factor,
             local_shuffle_buffer_size=buffer,
@@ -297,6 +293,7 @@ class RayContext(WorkerContext):
             collate_fn=self.collate,
             pin_memory=opts.pin_memory and self.device.type == "cuda",
         )
+        return _named(streamed, self.shards.train_source)
 
     def valid_batches(self) -> Iterable[Batch]:
         if self._valid_data is None:

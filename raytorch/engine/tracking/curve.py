@@ -4,13 +4,13 @@ restart marked (matplotlib's Agg canvas: pyplot's global state is never touched)
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from pathlib import Path
 from typing import Any
 
-_PREPARING: list[threading.Thread] = []
 
-
+@functools.cache
 def prepare_plotting() -> None:
     """Import what the learning curve needs on a daemon thread, once per process.
 
@@ -18,8 +18,6 @@ def prepare_plotting() -> None:
     (0.6-0.7 s of its second on 2 cores), and it then happens during training instead of after
     the last step. Not for local mode: there the training shares this process's GIL.
     """
-    if _PREPARING:
-        return
 
     def load() -> None:
         # The plot itself reports what is wrong, if anything is.
@@ -27,9 +25,7 @@ def prepare_plotting() -> None:
             import matplotlib.backends.backend_agg
             import matplotlib.figure  # noqa: F401
 
-    thread = threading.Thread(target=load, name="raytorch-prepare-plotting", daemon=True)
-    _PREPARING.append(thread)
-    thread.start()
+    threading.Thread(target=load, name="raytorch-prepare-plotting", daemon=True).start()
 
 
 def plot_learning_curve(
